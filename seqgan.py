@@ -1,0 +1,717 @@
+"""
+SeQ-GAN in one file: a VQ tokenizer trained for *semantic* compression, and the
+generative transformers that model its tokens.
+
+Paper: Gu et al., "Rethinking the Objectives of Vector-Quantized Tokenizers for
+Image Synthesis" (SeQ-GAN), arXiv:2212.03185. The claim: a tokenizer that
+reconstructs better does not give better generations; a codebook that holds
+semantics does. Hence two training phases for the tokenizer:
+  phase 1  conv-only VQGAN, L1 + VQ + GAN + L_alpha with alpha = 1 (semantic)
+  phase 2  encoder and codebook frozen, decoder enhanced with block-regional and
+           dilated attention, fine-tuned with alpha = 0 (details)
+
+Paper map (equation -> code -> test in test_seqgan.py):
+  Eq. 1  nearest-code lookup       VectorQuantizer.forward   test_quantizer_returns_nearest_code
+  Eq. 2  L_vq, beta on commitment  VectorQuantizer.forward   test_beta_scales_commitment_not_codebook
+         straight-through          VectorQuantizer.forward   test_straight_through_reaches_encoder
+  3.4    entropy of mean usage     VectorQuantizer.forward   test_entropy_term_raises_codebook_usage
+  Eq. 3  L_alpha = a L_sem + (1-a) L_low   PerceptualLoss   test_perceptual_taps_are_the_named_vgg16_layers,
+                                                             test_perceptual_alpha_mixes_as_eq3
+  Tab. 7 encoder / decoder          Encoder, Decoder          test_paper_preset_matches_table7_size
+  3.3    block-regional + dilated attention  BlockAttention  test_block_attention_equals_masked_reference
+  GAN    StyleGAN2 D, softplus, lazy R1      Discriminator   test_d_step_leaves_generator_grads_untouched
+
+Sections, in dependency order: errors and small helpers, configs, building blocks,
+quantizer, encoder/decoder/tokenizer, perceptual loss, discriminator, data,
+checkpoints.
+"""
+
+import argparse
+import gzip
+import math
+import os
+import sys
+from contextlib import nullcontext
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+
+# -----------------------------------------------------------------------------
+# errors, devices, command-line plumbing shared by the scripts
+
+
+class SeqganError(Exception):
+    """A user-facing problem (bad flag, missing file): printed as one line, no traceback."""
+
+
+def cli(main):
+    """Run a script's main(); turn a SeqganError into `error: ...` and exit code 2."""
+    try:
+        main()
+    except SeqganError as e:
+        msg = str(e)
+        if "Original Traceback" in msg:  # re-raised from a DataLoader worker: keep its last line
+            msg = msg.strip().splitlines()[-1].split("SeqganError: ", 1)[-1]
+        print(f"error: {msg}", file=sys.stderr)
+        sys.exit(2)
+
+
+def pick_device(name):
+    """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> torch.device, refusing CUDA without a GPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SeqganError(f"--device {name} was asked for but this machine has no CUDA GPU; use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise SeqganError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+
+
+def autocast(device):
+    """bf16 autocast on GPUs that support it; fp32 elsewhere (no fp16 + GradScaler path)."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def knob(default, help):
+    """A config field that carries its --help text."""
+    return field(default=default, metadata={"help": help})
+
+
+def add_config_args(parser, *config_classes, defaults=None):
+    """One flag per dataclass field (--image-size for image_size); the type comes from the default.
+    Flags left out stay absent from the namespace, so presets and checkpoints can fill them."""
+    defaults = defaults or {}
+    for cls in config_classes:
+        group = parser.add_argument_group(cls.__name__)
+        for f in fields(cls):
+            default = defaults.get(f.name, f.default)
+            flag = "--" + f.name.replace("_", "-")
+            help = f"{f.metadata['help']} (default: {default})"
+            if isinstance(f.default, bool):
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help)
+            elif isinstance(f.default, tuple):
+                group.add_argument(flag, type=lambda s: tuple(int(v) for v in s.split(",")),
+                                   default=argparse.SUPPRESS, metavar="A,B,..", help=help)
+            else:
+                group.add_argument(flag, type=type(f.default), default=argparse.SUPPRESS, help=help)
+
+
+def config_from_args(cls, args, defaults=None):
+    """Build a config: dataclass defaults < preset `defaults` < flags given on the command line."""
+    names = {f.name for f in fields(cls)}
+    kw = {k: v for k, v in (defaults or {}).items() if k in names}
+    kw.update({k: v for k, v in vars(args).items() if k in names})
+    return cls(**kw)
+
+
+# -----------------------------------------------------------------------------
+# configs
+
+
+@dataclass
+class TokenizerConfig:
+    """Shape of the VQ tokenizer; the defaults are the 32 px classroom model, see PRESETS."""
+    image_size: int = knob(32, "training image size in pixels (square)")
+    channels: int = knob(64, "base channel count of encoder and decoder")
+    ch_mult: tuple = knob((1, 2, 2), "channel multiplier per level; the downsampling factor is 2**(levels-1)")
+    n_res: int = knob(2, "residual blocks per level")
+    n_res_lowest: int = knob(4, "residual blocks at the lowest resolution (Table 7: 4 at 16x16)")
+    n_codes: int = knob(1024, "codebook size K")
+    code_dim: int = knob(256, "codebook vector dimension")
+    beta: float = knob(0.25, "commitment weight beta of Eq. 2")
+    entropy_weight: float = knob(0.01, "weight gamma of the codebook-entropy term (section 3.4)")
+    entropy_temp: float = knob(1.0, "temperature of softmax(-distance / t) in the entropy term (1 = paper)")
+    dec_attn: bool = knob(False, "decoder with block-regional + dilated attention (phase 2 turns it on)")
+    attn_heads: int = knob(8, "attention heads in the phase-2 decoder (even: half regional, half dilated)")
+    attn_block: int = knob(4, "block size P of the phase-2 attention")
+
+    def __post_init__(self):
+        f = 2 ** (len(self.ch_mult) - 1)
+        if self.image_size % f:
+            raise SeqganError(f"--image-size {self.image_size} is not divisible by the downsampling factor {f}")
+        low = self.image_size // f  # resolution of the first decoder level
+        if self.dec_attn and (self.attn_heads % 2 or low % self.attn_block):
+            raise SeqganError(f"attention needs an even --attn-heads and an --attn-block dividing {low}")
+
+    @property
+    def grid(self):
+        """Tokens per side: image_size / f."""
+        return self.image_size // 2 ** (len(self.ch_mult) - 1)
+
+
+@dataclass
+class LossConfig:
+    """Weights of the tokenizer objective (Eq. 2, Eq. 3, GAN)."""
+    alpha: float = knob(1.0, "Eq. 3 mix: 1 = semantic (relu5_3 + logits), 0 = low-level (five relu taps)")
+    l1_weight: float = knob(1.0, "weight of the pixel L1 term")
+    perceptual_weight: float = knob(1.0, "weight of L_alpha")
+    gan_weight: float = knob(0.1, "fixed weight of the generator's GAN term (MaskGIT's 0.1)")
+    gan_start: int = knob(5000, "step at which the discriminator starts training")
+    gan_warmup: int = knob(2000, "steps over which the GAN weight ramps from 0 while D warms up")
+    r1_gamma: float = knob(0.1, "R1 penalty weight (StyleGAN2-ADA: 0.01 at 32 px, 1 at 256 px)")
+    r1_every: int = knob(16, "lazy R1: penalise every N discriminator steps")
+    disc_channels: int = knob(64, "discriminator base channels (doubling per block)")
+    disc_max_channels: int = knob(512, "discriminator channel cap")
+
+
+# Named presets are just field overrides; flags given on the command line win.
+PRESETS = {
+    "classroom": dict(),
+    # Table 7: channels 128-128-256-256-512, f = 16 at 256 px, 16x16 tokens.
+    "paper": dict(image_size=256, channels=128, ch_mult=(1, 1, 2, 2, 4), attn_block=8,
+                  r1_gamma=1.0, gan_start=50000, disc_channels=64),
+}
+
+
+# -----------------------------------------------------------------------------
+# building blocks
+
+
+def Normalize(c):
+    """GroupNorm with 32 groups (fewer for the tiny test models)."""
+    return nn.GroupNorm(math.gcd(32, c), c, eps=1e-6)
+
+
+class ResBlock(nn.Module):
+    """Table 7 residual block: GN-Swish-Conv-GN-Swish-Conv, 1x1 skip when channels change."""
+
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.norm1, self.conv1 = Normalize(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2, self.conv2 = Normalize(c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.skip(x) + h
+
+
+class Downsample(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, stride=2)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric pad: exact halving, as in taming
+
+
+class Upsample(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class BlockAttention(nn.Module):
+    """Interleaved block-regional + dilated attention for the phase-2 decoder (section 3.3, HiT).
+
+    The map is cut into non-overlapping P x P blocks. Half of the heads attend within each
+    block (regional: local detail); the other half attend across blocks among the positions
+    that share an offset inside their block (dilated: a sparse global view). The two halves
+    are concatenated along channels and projected. The projection starts at zero, so the
+    enhanced decoder initially computes exactly what the phase-1 decoder did."""
+
+    def __init__(self, c, n_heads, block):
+        super().__init__()
+        self.n_heads, self.block = n_heads, block
+        self.norm = Normalize(c)
+        self.qkv = nn.Conv2d(c, 3 * c, 1)
+        self.proj = nn.Conv2d(c, c, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        nh, P, half = self.n_heads, self.block, self.n_heads // 2
+        hs, Hb, Wb = C // nh, H // P, W // P
+        # (B, 3C, H, W) -> 3 x (B, nh, Hb, Wb, P, P, hs): block index, offset in block, head dim
+        qkv = self.qkv(self.norm(x)).reshape(B, 3, nh, hs, Hb, P, Wb, P)
+        q, k, v = qkv.permute(1, 0, 2, 4, 6, 5, 7, 3).unbind(0)
+
+        def regional(t):  # (B, half, Hb, Wb, P, P, hs) -> (B*half, blocks, P*P, hs)
+            return t[:, :half].reshape(B * half, Hb * Wb, P * P, hs)
+
+        def dilated(t):  # -> (B*half, P*P offsets, blocks, hs)
+            return t[:, half:].permute(0, 1, 4, 5, 2, 3, 6).reshape(B * (nh - half), P * P, Hb * Wb, hs)
+
+        o_r = F.scaled_dot_product_attention(regional(q), regional(k), regional(v))
+        o_d = F.scaled_dot_product_attention(dilated(q), dilated(k), dilated(v))
+        o_r = o_r.reshape(B, half, Hb, Wb, P, P, hs)
+        o_d = o_d.reshape(B, nh - half, P, P, Hb, Wb, hs).permute(0, 1, 4, 5, 2, 3, 6)
+        o = torch.cat([o_r, o_d], dim=1)  # (B, nh, Hb, Wb, P, P, hs)
+        o = o.permute(0, 1, 6, 2, 4, 3, 5).reshape(B, C, H, W)
+        return x + self.proj(o)
+
+
+# -----------------------------------------------------------------------------
+# vector quantizer (Eq. 1, Eq. 2, section 3.4)
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest-code quantizer with the VQ loss of Eq. 2 and the entropy term of section 3.4.
+
+    forward(z_e) returns z_q (straight-through), the code indices and a dict of loss terms:
+      codebook_loss   |sg[z_e] - z_q|^2       moves the codes toward the encoder outputs
+      commitment_loss |z_e - sg[z_q]|^2       keeps the encoder close to its code; scaled by beta
+      entropy         H(mean_n softmax(-D_n / t)), the soft usage of the batch (logged)
+      loss            codebook + beta * commitment - gamma * entropy
+    Runs in fp32 even under autocast: distances of 256-d vectors lose the argmin in bf16."""
+
+    def __init__(self, n_codes, code_dim, beta, entropy_weight, entropy_temp):
+        super().__init__()
+        self.n_codes, self.beta = n_codes, beta
+        self.entropy_weight, self.entropy_temp = entropy_weight, entropy_temp
+        self.codebook = nn.Embedding(n_codes, code_dim)
+        nn.init.uniform_(self.codebook.weight, -1.0 / n_codes, 1.0 / n_codes)
+
+    def distances(self, z):
+        """Squared Euclidean distances (N, D) x (K, D) -> (N, K)."""
+        e = self.codebook.weight.float()
+        return z.pow(2).sum(1, keepdim=True) - 2 * z @ e.t() + e.pow(2).sum(1)
+
+    def lookup(self, idx):
+        """Indices (B, h, w) -> code vectors (B, D, h, w)."""
+        return self.codebook(idx).permute(0, 3, 1, 2)
+
+    def forward(self, z_e):
+        B, D, h, w = z_e.shape
+        with torch.autocast(z_e.device.type, enabled=False):
+            z = z_e.float().permute(0, 2, 3, 1).reshape(-1, D)  # (N, D), N = B*h*w
+            d = self.distances(z)  # (N, K)
+            idx = d.argmin(1)  # Eq. 1: k* = argmin_k |z_e - e_k|
+            z_q = self.codebook(idx).float()  # (N, D)
+            # Eq. 2: |sg[E(x)] - z_q|^2 + beta |sg[z_q] - E(x)|^2. beta scales the *commitment*
+            # term (the encoder's), not the codebook term as in taming's legacy quantizer.
+            codebook_loss = F.mse_loss(z_q, z.detach())
+            commitment_loss = F.mse_loss(z, z_q.detach())
+            # Section 3.4: soft assignment softmax(-D) per position, averaged over the batch
+            # (D_bar), and its entropy H(D_bar). The paper writes "+gamma H(D_bar)", but the goal
+            # is *spread* usage, so the loss must raise H: we add -gamma * H (= gamma *
+            # KL(D_bar || uniform) - gamma log K). Hence the total loss can be negative.
+            p_mean = F.softmax(-d / self.entropy_temp, dim=1).mean(0)  # (K,)
+            entropy = -(p_mean * torch.log(p_mean.clamp_min(1e-12))).sum()
+            loss = codebook_loss + self.beta * commitment_loss - self.entropy_weight * entropy
+            # Straight-through: the forward value is z_q, the backward pass copies the gradient to z_e.
+            z_q = z + (z_q - z).detach()
+        z_q = z_q.reshape(B, h, w, D).permute(0, 3, 1, 2).to(z_e.dtype)
+        terms = dict(loss=loss, codebook_loss=codebook_loss, commitment_loss=commitment_loss, entropy=entropy)
+        return z_q, idx.reshape(B, h, w), terms
+
+
+def codebook_usage(counts):
+    """Code counts (K,) over a batch or a whole eval pass -> (fraction of codes used, perplexity)."""
+    p = counts.float() / counts.sum().clamp_min(1)
+    perplexity = torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())
+    return (counts > 0).float().mean(), perplexity
+
+
+def psnr(x_hat, x):
+    """Mean PSNR in dB of images in [-1, 1] (compared in [0, 1])."""
+    mse = ((x_hat.clamp(-1, 1) - x) / 2).pow(2).flatten(1).mean(1)
+    return (10 * torch.log10(1.0 / mse.clamp_min(1e-10))).mean()
+
+
+# -----------------------------------------------------------------------------
+# encoder, decoder, tokenizer (Table 7)
+
+
+class Encoder(nn.Module):
+    """Conv-only encoder: per level n_res ResBlocks then a stride-2 conv; n_res_lowest at the bottom."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        chs = [cfg.channels * m for m in cfg.ch_mult]
+        self.conv_in = nn.Conv2d(3, chs[0], 3, padding=1)
+        blocks, c = [], chs[0]
+        for i, ch in enumerate(chs):
+            lowest = i == len(chs) - 1
+            for _ in range(cfg.n_res_lowest if lowest else cfg.n_res):
+                blocks.append(ResBlock(c, ch))
+                c = ch
+            if not lowest:
+                blocks.append(Downsample(c))
+        self.blocks = nn.Sequential(*blocks)
+        self.norm_out = Normalize(c)
+        self.conv_out = nn.Conv2d(c, cfg.code_dim, 1)
+
+    def forward(self, x):  # (B, 3, H, W) -> (B, code_dim, H/f, W/f)
+        return self.conv_out(F.silu(self.norm_out(self.blocks(self.conv_in(x)))))
+
+
+class Decoder(nn.Module):
+    """Mirror of the encoder. With cfg.dec_attn (phase 2) each of the n_res ResBlocks of every
+    level is followed by a BlockAttention (the extra lowest-level blocks stay plain); at the
+    paper preset this adds 3.4M parameters, the 54.5M -> 57.9M of section 4. The attention
+    layers live in their own ModuleDict so phase-1 weights keep their names."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        chs = [cfg.channels * m for m in cfg.ch_mult]
+        c = chs[-1]
+        self.conv_in = nn.Conv2d(cfg.code_dim, c, 3, padding=1)
+        blocks = [ResBlock(c, c) for _ in range(cfg.n_res_lowest - cfg.n_res)]
+        attn = {}  # index of the block it follows -> BlockAttention
+        for i in reversed(range(len(chs))):
+            for _ in range(cfg.n_res):
+                blocks.append(ResBlock(c, chs[i]))
+                c = chs[i]
+                if cfg.dec_attn:
+                    attn[str(len(blocks) - 1)] = BlockAttention(c, cfg.attn_heads, cfg.attn_block)
+            if i > 0:
+                blocks.append(Upsample(c))
+        self.blocks = nn.ModuleList(blocks)
+        self.attn = nn.ModuleDict(attn)
+        self.norm_out = Normalize(c)
+        self.conv_out = nn.Conv2d(c, 3, 3, padding=1)
+
+    def forward(self, z_q):  # (B, code_dim, h, w) -> (B, 3, H, W)
+        h = self.conv_in(z_q)
+        for i, block in enumerate(self.blocks):
+            h = block(h)
+            if str(i) in self.attn:
+                h = self.attn[str(i)](h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Tokenizer(nn.Module):
+    """Encoder -> VectorQuantizer -> Decoder. Images are (B, 3, H, W) in [-1, 1]."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.quantizer = VectorQuantizer(cfg.n_codes, cfg.code_dim, cfg.beta, cfg.entropy_weight, cfg.entropy_temp)
+        self.decoder = Decoder(cfg)
+
+    def forward(self, x):
+        """x (B, 3, H, W) -> reconstruction (B, 3, H, W), indices (B, h, w), quantizer loss terms."""
+        z_q, idx, terms = self.quantizer(self.encoder(x))
+        return self.decoder(z_q), idx, terms
+
+    @torch.no_grad()
+    def tokenize(self, x):
+        """Images -> code indices (B, h, w); deterministic (used for priors and evaluation)."""
+        z_e = self.encoder(x).float()
+        B, D, h, w = z_e.shape
+        d = self.quantizer.distances(z_e.permute(0, 2, 3, 1).reshape(-1, D))
+        return d.argmin(1).reshape(B, h, w)
+
+    def decode_indices(self, idx):
+        """Code indices (B, h, w) -> images (B, 3, H, W)."""
+        return self.decoder(self.quantizer.lookup(idx))
+
+
+def count_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+# -----------------------------------------------------------------------------
+# perceptual loss (Eq. 3)
+
+VGG_TAPS = {3: "relu1_2", 8: "relu2_2", 15: "relu3_3", 22: "relu4_3", 29: "relu5_3"}  # torchvision vgg16().features
+LOW_LAYERS = ("relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3")
+SEM_LAYERS = ("relu5_3", "logits")
+
+
+def load_vgg16(weights):
+    """VGG16 with 'imagenet' weights (torchvision download or torch hub cache), a local
+    state-dict PATH, or 'random' (tests only: announced loudly). Never a silent fallback."""
+    vgg = torchvision.models.vgg16()
+    if weights == "random":
+        print("WARNING: VGG16 has RANDOM weights (--vgg-weights random): the perceptual loss is "
+              "meaningless except for testing", file=sys.stderr)
+    elif weights == "imagenet":
+        w = torchvision.models.VGG16_Weights.IMAGENET1K_V1
+        target = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(w.url))
+        try:
+            vgg.load_state_dict(w.get_state_dict(progress=True))
+        except OSError as e:  # URLError is an OSError: offline
+            raise SeqganError(f"cannot download the VGG16 weights ({type(e).__name__}): put {w.url} "
+                              f"at {target} or pass --vgg-weights PATH") from None
+    else:
+        if not os.path.isfile(weights):
+            raise SeqganError(f"--vgg-weights {weights}: no such file (use imagenet, random or a state-dict path)")
+        try:
+            vgg.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        except (RuntimeError, OSError, KeyError) as e:
+            raise SeqganError(f"--vgg-weights {weights} is not a torchvision VGG16 state dict "
+                              f"({str(e).splitlines()[0]})") from None
+    return vgg.eval().requires_grad_(False)
+
+
+class PerceptualLoss(nn.Module):
+    """Eq. 3: L_alpha = alpha * L_sem + (1 - alpha) * L_low.
+
+    L_low sums the mean squared feature error (1/(HWC) |phi(x_hat) - phi(x)|^2) over relu1_2,
+    relu2_2, relu3_3, relu4_3, relu5_3; L_sem over relu5_3 and the 1000 logits (classifier
+    output before softmax). relu5_3 is in both, so it keeps weight 1 for every alpha. The
+    classifier runs only when alpha > 0. Images are not resized: at 32 px relu5_3 is 2x2."""
+
+    def __init__(self, alpha, vgg):
+        super().__init__()
+        self.alpha, self.vgg = alpha, vgg
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+
+    def features(self, x, logits):
+        """Images in [-1, 1] -> {tap name: activation}, plus 'logits' if asked for."""
+        h = ((x + 1) / 2 - self.mean) / self.std  # ImageNet normalisation
+        out = {}
+        for i, layer in enumerate(self.vgg.features[:30]):
+            h = layer(h)
+            if i in VGG_TAPS:
+                out[VGG_TAPS[i]] = h
+        if logits:
+            h = self.vgg.avgpool(self.vgg.features[30](h))
+            out["logits"] = self.vgg.classifier(torch.flatten(h, 1))
+        return out
+
+    def forward(self, x_hat, x):
+        """-> (L_alpha, {'l_low', 'l_sem'}); the unused term is 0 at alpha = 0 or 1."""
+        sem = self.alpha > 0
+        f_hat = self.features(x_hat, logits=sem)
+        with torch.no_grad():
+            f = self.features(x, logits=sem)
+        mse = {k: F.mse_loss(f_hat[k].float(), f[k].float()) for k in f_hat}
+        zero = x_hat.new_zeros((), dtype=torch.float32)
+        l_low = sum(mse[k] for k in LOW_LAYERS) if self.alpha < 1 else zero
+        l_sem = sum(mse[k] for k in SEM_LAYERS) if sem else zero
+        return self.alpha * l_sem + (1 - self.alpha) * l_low, dict(l_low=l_low, l_sem=l_sem)
+
+
+# -----------------------------------------------------------------------------
+# discriminator and GAN loss (StyleGAN2-style, non-saturating, lazy R1)
+
+
+class Blur(nn.Module):
+    """[1, 3, 3, 1] low-pass before downsampling (StyleGAN2's anti-aliased resampling)."""
+
+    def __init__(self):
+        super().__init__()
+        k = torch.tensor([1.0, 3.0, 3.0, 1.0])
+        self.register_buffer("kernel", (k[:, None] * k[None, :] / 64).view(1, 1, 4, 4))
+
+    def forward(self, x):
+        C = x.shape[1]
+        return F.conv2d(F.pad(x, (1, 2, 1, 2), mode="reflect"), self.kernel.expand(C, 1, 4, 4).to(x.dtype), groups=C)
+
+
+class DiscBlock(nn.Module):
+    """Residual block halving the resolution: (conv-lrelu-conv-lrelu-blurpool) + blurpool-1x1, / sqrt 2."""
+
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_in, 3, padding=1)
+        self.conv2 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.skip = nn.Conv2d(c_in, c_out, 1, bias=False)
+        self.blur = Blur()
+
+    def forward(self, x):
+        down = lambda t: F.avg_pool2d(self.blur(t), 2)
+        h = F.leaky_relu(self.conv1(x), 0.2)
+        h = down(F.leaky_relu(self.conv2(h), 0.2))
+        return (h + self.skip(down(x))) / math.sqrt(2)
+
+
+class Discriminator(nn.Module):
+    """StyleGAN2 residual discriminator down to 4x4, minibatch-stddev, two linear layers.
+    No equalised learning rate (Adam with a small lr does the job here)."""
+
+    def __init__(self, image_size, channels, max_channels):
+        super().__init__()
+        self.conv_in = nn.Conv2d(3, channels, 1)
+        blocks, c, res = [], channels, image_size
+        while res > 4:
+            blocks.append(DiscBlock(c, min(2 * c, max_channels)))
+            c, res = min(2 * c, max_channels), res // 2
+        self.blocks = nn.Sequential(*blocks)
+        self.conv_out = nn.Conv2d(c + 1, c, 3, padding=1)
+        self.fc = nn.Linear(c * res * res, c)
+        self.out = nn.Linear(c, 1)
+
+    def forward(self, x):  # (B, 3, H, W) -> (B,) logits
+        h = self.blocks(F.leaky_relu(self.conv_in(x), 0.2))
+        # minibatch stddev: one extra channel with the spread of features across groups of 4 samples,
+        # so D can notice a generator that makes every image alike
+        B, C, H, W = h.shape
+        g = max(d for d in (4, 3, 2, 1) if B % d == 0)
+        s = h.float().reshape(g, -1, C, H, W).std(0, unbiased=False).mean([1, 2, 3])  # (B/g,)
+        s = s.reshape(1, -1, 1, 1, 1).expand(g, -1, 1, H, W).reshape(B, 1, H, W).to(h.dtype)
+        h = F.leaky_relu(self.conv_out(torch.cat([h, s], 1)), 0.2)
+        return self.out(F.leaky_relu(self.fc(h.flatten(1)), 0.2)).squeeze(1)
+
+
+def d_loss(logits_real, logits_fake):
+    """Non-saturating logistic loss of D: softplus(-D(x)) + softplus(D(x_hat))."""
+    return F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean()
+
+
+def g_loss(logits_fake):
+    """Non-saturating generator loss: softplus(-D(x_hat))."""
+    return F.softplus(-logits_fake).mean()
+
+
+def r1_penalty(disc, x):
+    """R1 = E |grad_x D(x)|^2 on real images (computed in fp32)."""
+    x = x.detach().float().requires_grad_(True)
+    (grad,) = torch.autograd.grad(disc(x).sum(), x, create_graph=True)
+    return grad.pow(2).sum([1, 2, 3]).mean()
+
+
+def gan_weight_at(step, cfg):
+    """GAN weight of the generator: 0 before gan_start, then a linear ramp over gan_warmup steps.
+    D trains from gan_start, so it has warmed up by the time its gradient reaches G in full."""
+    if step < cfg.gan_start:
+        return 0.0
+    return cfg.gan_weight * min(1.0, (step - cfg.gan_start + 1) / max(1, cfg.gan_warmup))
+
+
+# -----------------------------------------------------------------------------
+# data: image folders, CIFAR-10 and Fashion-MNIST, as uint8 (3, S, S) tensors
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+def list_images(root):
+    """Sorted image paths under root (recursive, by extension); an error if there are none."""
+    if not os.path.isdir(root):
+        raise SeqganError(f"image folder {root} does not exist; pass an existing folder of images")
+    paths = sorted(os.path.join(d, f) for d, _, fs in os.walk(root, followlinks=True)
+                   for f in fs if f.lower().endswith(IMAGE_EXTS))
+    if not paths:
+        raise SeqganError(f"image folder {root} holds no images ({', '.join(IMAGE_EXTS)}); check the path")
+    return paths
+
+
+def load_image(path, size):
+    """PIL -> RGB, shorter side resized to size, centre crop -> uint8 tensor (3, size, size)."""
+    try:
+        img = Image.open(path).convert("RGB")
+    except (OSError, ValueError) as e:
+        raise SeqganError(f"cannot read image {path} ({e}); delete or replace it") from None
+    s = size / min(img.size)
+    if s != 1:
+        img = img.resize((max(size, round(img.width * s)), max(size, round(img.height * s))), Image.BICUBIC)
+    left, top = (img.width - size) // 2, (img.height - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """Images found recursively under root. If every image sits in a subfolder, the first-level
+    subfolder names (sorted) are the classes; otherwise the data is unlabelled (label 0, 0 classes)."""
+
+    def __init__(self, root, size):
+        self.paths, self.size = list_images(root), size
+        tops = [os.path.relpath(p, root).split(os.sep) for p in self.paths]
+        labelled = all(len(t) > 1 for t in tops)
+        self.classes = sorted({t[0] for t in tops}) if labelled else []
+        index = {c: i for i, c in enumerate(self.classes)}
+        self.labels = [index[t[0]] if labelled else 0 for t in tops]
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return load_image(self.paths[i], self.size), self.labels[i]
+
+
+def read_idx_gz(path):
+    """An idx file (the MNIST format), gzipped -> numpy array."""
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def load_dataset(name, root, size, train=True):
+    """'cifar10' | 'fashion-mnist' | an image folder -> (Dataset of (uint8 (3, S, S), label), n_classes).
+    The two array datasets are 32 px; batches are resized on the device if size differs."""
+    if name == "cifar10":
+        try:
+            ds = torchvision.datasets.CIFAR10(root, train=train, download=True)
+        except (OSError, RuntimeError) as e:
+            raise SeqganError(f"cannot download CIFAR-10 into {root} ({type(e).__name__}); put "
+                              f"cifar-10-python.tar.gz there or pass --data IMAGE_FOLDER") from None
+        x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+        return torch.utils.data.TensorDataset(x, torch.tensor(ds.targets)), 10
+    if name == "fashion-mnist":
+        split = "train" if train else "t10k"
+        for d in (os.path.join(root, "fashion-mnist"), FASHION_MNIST_DIR):
+            if os.path.isfile(os.path.join(d, f"{split}-images-idx3-ubyte.gz")):
+                x = torch.from_numpy(read_idx_gz(os.path.join(d, f"{split}-images-idx3-ubyte.gz")).copy())
+                y = torch.from_numpy(read_idx_gz(os.path.join(d, f"{split}-labels-idx1-ubyte.gz")).astype(np.int64))
+                x = F.pad(x, (2, 2, 2, 2))[:, None].expand(-1, 3, -1, -1).contiguous()  # 28 -> 32 px, RGB
+                return torch.utils.data.TensorDataset(x, y), 10
+        raise SeqganError(f"Fashion-MNIST not found in {root}/fashion-mnist or {FASHION_MNIST_DIR}; "
+                          "apt-get install dataset-fashion-mnist")
+    ds = ImageFolder(name, size)
+    return ds, len(ds.classes)
+
+
+def to_input(x, device, size):
+    """uint8 batch (B, 3, S, S) -> float on device in [-1, 1] at size x size."""
+    x = x.to(device, non_blocking=True).float().div_(127.5).sub_(1)
+    if x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp_(-1, 1)
+    return x
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: one dict, written atomically, rebuilt from its config
+
+
+def save_checkpoint(path, ckpt):
+    """torch.save to a temp file, then rename: a crash never leaves a half-written checkpoint."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, kind):
+    """Load a checkpoint dict and check it is of the expected kind ('tokenizer' or 'prior')."""
+    if not os.path.isfile(path):
+        raise SeqganError(f"checkpoint {path} not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip and torch errors alike: the file is not ours or is damaged
+        raise SeqganError(f"{path} is not a readable checkpoint ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
+        found = ckpt.get("kind", "unknown") if isinstance(ckpt, dict) else "unknown"
+        raise SeqganError(f"{path} is a {found} checkpoint, expected a {kind} checkpoint")
+    return ckpt
+
+
+def clean_state_dict(sd):
+    """Strip the prefixes torch.compile ('_orig_mod.') and DDP ('module.') add to parameter names."""
+    return {k.replace("_orig_mod.", "").replace("module.", ""): v for k, v in sd.items()}
+
+
+def tokenizer_from_checkpoint(ckpt):
+    """Rebuild a Tokenizer from a checkpoint dict (config + weights)."""
+    try:
+        tok = Tokenizer(TokenizerConfig(**ckpt["model_config"]))
+        tok.load_state_dict(clean_state_dict(ckpt["model"]))
+    except (TypeError, KeyError, RuntimeError) as e:
+        raise SeqganError(f"tokenizer checkpoint does not match this code's Tokenizer ({str(e).splitlines()[0]})") from None
+    return tok
+
+
+def load_tokenizer(path, device="cpu"):
+    """A trained tokenizer, frozen and in eval mode, for priors, sampling and evaluation."""
+    tok = tokenizer_from_checkpoint(load_checkpoint(path, "tokenizer"))
+    return tok.to(device).eval().requires_grad_(False)

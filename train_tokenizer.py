@@ -1,0 +1,303 @@
+"""
+Train the SeQ-GAN tokenizer. Phase 1 (semantic compression) then phase 2 (details).
+
+  python train_tokenizer.py --alpha 1.0                                   # phase 1, CIFAR-10, 32 px, one GPU
+  python train_tokenizer.py --phase 2 --init out/tokenizer/ckpt.pt        # phase 2 -> out/tokenizer2
+  python train_tokenizer.py --preset paper --data /data/ffhq --out out/ffhq   # 256 px, f=16 (Table 7)
+
+CPU smoke run (a minute, random VGG, real Fashion-MNIST images):
+  python train_tokenizer.py --data fashion-mnist --vgg-weights random --channels 16 --n-codes 64 \
+      --code-dim 16 --steps 40 --batch-size 8 --gan-start 20 --log-every 10 --eval-every 20 --eval-images 64
+"""
+
+import argparse
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torchvision
+from tqdm import tqdm
+
+import seqgan as S
+from seqgan import knob
+
+
+@dataclass
+class TrainConfig:
+    data: str = knob("cifar10", "'cifar10' (torchvision download), 'fashion-mnist', or an image folder "
+                                "(searched recursively; class subfolders give labels)")
+    data_root: str = knob("data", "where CIFAR-10 is downloaded to (and data/fashion-mnist looked for)")
+    preset: str = knob("classroom", "classroom (32 px, f=4, 8x8 tokens) or paper (256 px, f=16, Table 7)")
+    phase: int = knob(1, "1 = semantic compression; 2 = encoder and codebook frozen, attention decoder, alpha 0")
+    init: str = knob("", "phase 2 only: the phase-1 checkpoint to start from")
+    out: str = knob("out/tokenizer", "output folder for ckpt.pt, log.txt and PNG grids (phase 2: out/tokenizer2)")
+    steps: int = knob(50000, "total training steps")
+    batch_size: int = knob(64, "images per step")
+    lr: float = knob(0.0, "learning rate; 0 = the paper's: 1e-4 cosine to 5e-5 (phase 1), 5e-5 constant (phase 2)")
+    device: str = knob("auto", "auto (CUDA if present), cpu, cuda or cuda:N")
+    compile: bool = knob(False, "torch.compile the tokenizer and discriminator (slow start, faster steps)")
+    resume: bool = knob(False, "continue the run in --out from its ckpt.pt (same phase and config)")
+    vgg_weights: str = knob("imagenet", "imagenet (torchvision download or torch hub cache), a state-dict PATH, "
+                                        "or random (tests only)")
+    num_workers: int = knob(4, "data-loading processes for image folders")
+    log_every: int = knob(100, "steps between log lines")
+    eval_every: int = knob(2000, "steps between evaluation (PSNR, codebook usage), a PNG grid and a checkpoint")
+    eval_images: int = knob(1000, "held-out images per evaluation (the test split; for a folder, its first images)")
+    seed: int = knob(0, "random seed")
+
+
+# Phase 2 (section 3.3): alpha = 0, the discriminator carries on from phase 1 without a new warm-up gap.
+PHASE2_DEFAULTS = dict(out="out/tokenizer2", alpha=0.0, gan_start=0, steps=20000)
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    S.add_config_args(p, TrainConfig, S.TokenizerConfig, S.LossConfig)
+    return p.parse_args(argv)
+
+
+def configure(args):
+    """Resolve (train, model, loss) configs. Each field comes from, in rising priority: the dataclass
+    default, the preset, the phase-2 defaults or the checkpoint being continued, the command line."""
+    given = vars(args)
+    phase, preset = given.get("phase", 1), given.get("preset", "classroom")
+    if phase not in (1, 2):
+        raise S.SeqganError(f"--phase must be 1 or 2, not {phase}")
+    if preset not in S.PRESETS:
+        raise S.SeqganError(f"unknown --preset {preset}; choose from {', '.join(S.PRESETS)}")
+    defaults = dict(S.PRESETS[preset], **(PHASE2_DEFAULTS if phase == 2 else {}))
+    ckpt_path = os.path.join(given.get("out", defaults.get("out", TrainConfig.out)), "ckpt.pt")
+    ckpt = init = None
+    if given.get("resume"):
+        ckpt = S.load_checkpoint(ckpt_path, "tokenizer")
+        if ckpt["phase"] != phase:
+            raise S.SeqganError(f"{ckpt_path} is a phase-{ckpt['phase']} checkpoint; resume it with --phase {ckpt['phase']}")
+        for name, saved in {**ckpt["model_config"], **ckpt["loss_config"]}.items():
+            if name in given and given[name] != saved:
+                raise S.SeqganError(f"{ckpt_path} was trained with --{name.replace('_', '-')} {saved}, not "
+                                    f"{given[name]}; drop the flag or start a new --out")
+        defaults = {**ckpt["train_config"], **ckpt["model_config"], **ckpt["loss_config"]}
+    elif os.path.exists(ckpt_path):
+        raise S.SeqganError(f"{ckpt_path} exists; pass --resume to continue it or choose another --out")
+    elif phase == 2:
+        if not given.get("init"):
+            raise S.SeqganError("phase 2 needs --init PHASE1_CKPT (the ckpt.pt of a phase-1 run)")
+        init = S.load_checkpoint(given["init"], "tokenizer")
+        if init["phase"] != 1:
+            raise S.SeqganError(f"--init {given['init']} is a phase-{init['phase']} checkpoint; phase 2 starts from phase 1")
+        for name, saved in init["model_config"].items():
+            if name in given and given[name] != saved and name not in ("attn_heads", "attn_block"):
+                raise S.SeqganError(f"--init {given['init']} has --{name.replace('_', '-')} {saved}, not {given[name]}; "
+                                    "phase 2 keeps the phase-1 encoder and codebook")
+        # phase 2 inherits data, model and D from phase 1; it trains a fresh run with its own defaults
+        defaults = {**init["train_config"], **init["model_config"], **init["loss_config"], **PHASE2_DEFAULTS,
+                    "dec_attn": True, "lr": 0.0, "device": "auto", "compile": False}
+    tc, mc, lc = (S.config_from_args(c, args, defaults) for c in (TrainConfig, S.TokenizerConfig, S.LossConfig))
+    if tc.phase == 1 and tc.init:
+        raise S.SeqganError("--init is for phase 2 (a phase-1 checkpoint to fine-tune); drop it")
+    if not 0 <= lc.alpha <= 1:
+        raise S.SeqganError(f"--alpha {lc.alpha} is outside [0, 1]")
+    if tc.phase == 2 and lc.alpha != 0:
+        raise S.SeqganError("phase 2 fine-tunes the decoder with alpha = 0 (section 3.3); drop --alpha")
+    if tc.lr == 0:
+        tc = replace(tc, lr=1e-4 if tc.phase == 1 else 5e-5)
+    return tc, mc, lc, ckpt, init
+
+
+def get_lr(step, tc):
+    """Phase 1: cosine decay from lr to 5e-5 (paper); phase 2: constant."""
+    if tc.phase == 2:
+        return tc.lr
+    lr_min = min(tc.lr, 5e-5)
+    return lr_min + 0.5 * (tc.lr - lr_min) * (1 + torch.cos(torch.tensor(torch.pi * step / tc.steps)).item())
+
+
+def batches(ds, tc, start_step, device):
+    """Endless shuffled batches; the order is seeded from (seed, start step) so a resumed run does not replay."""
+    in_memory = isinstance(ds, torch.utils.data.TensorDataset)
+    epoch = 0
+    while True:
+        g = torch.Generator().manual_seed(tc.seed * 1_000_003 + start_step + epoch)
+        loader = torch.utils.data.DataLoader(ds, tc.batch_size, shuffle=True, drop_last=True, generator=g,
+                                             num_workers=0 if in_memory else tc.num_workers,
+                                             pin_memory=device.type == "cuda")
+        yield from loader
+        epoch += 1
+
+
+def d_step(disc, opt_d, x, x_hat, lc, step, ctx):
+    """One discriminator step on real x and *detached* reconstructions, with lazy R1 every r1_every steps."""
+    with ctx:
+        loss = S.d_loss(disc(x), disc(x_hat.detach()))
+    r1 = torch.zeros((), device=x.device)
+    if step % lc.r1_every == 0:
+        r1 = S.r1_penalty(disc, x)
+        loss = loss + lc.r1_gamma / 2 * lc.r1_every * r1  # scaled by the interval, as in StyleGAN2
+    opt_d.zero_grad(set_to_none=True)
+    loss.backward()
+    opt_d.step()
+    return loss.detach(), r1.detach()
+
+
+@torch.no_grad()
+def evaluate(model, val, tc, mc, device, ctx):
+    """PSNR and codebook usage over the held-out images (usage = distinct codes over the whole pass)."""
+    model.eval()
+    counts = torch.zeros(mc.n_codes, device=device, dtype=torch.long)
+    total, n, first = 0.0, 0, None
+    loader = torch.utils.data.DataLoader(val, tc.batch_size, shuffle=False)
+    for xb, _ in loader:
+        x = S.to_input(xb, device, mc.image_size)[: tc.eval_images - n]
+        with ctx:
+            x_hat, idx, _ = model(x)
+        x_hat = x_hat.float().clamp(-1, 1)
+        counts += torch.bincount(idx.flatten(), minlength=mc.n_codes)
+        total += S.psnr(x_hat, x) * len(x)
+        n += len(x)
+        first = (x[:8], x_hat[:8]) if first is None else first
+        if n >= tc.eval_images:
+            break
+    model.train()
+    usage, ppl = S.codebook_usage(counts)
+    return dict(psnr=(total / n).item(), usage=usage.item(), perplexity=ppl.item()), first
+
+
+def main(argv=None):
+    args = parse(argv)
+    tc, mc, lc, ckpt, init = configure(args)
+    device = S.pick_device(tc.device)
+    torch.manual_seed(tc.seed)
+    torch.backends.cudnn.benchmark = True
+    ctx = S.autocast(device)
+
+    ds, _ = S.load_dataset(tc.data, tc.data_root, mc.image_size, train=True)
+    if len(ds) < tc.batch_size:
+        raise S.SeqganError(f"{tc.data} has {len(ds)} images, fewer than --batch-size {tc.batch_size}")
+    if tc.data in ("cifar10", "fashion-mnist"):
+        val, _ = S.load_dataset(tc.data, tc.data_root, mc.image_size, train=False)
+    else:
+        val = ds  # an image folder has no split: evaluate on its first images
+    val = torch.utils.data.Subset(val, range(min(tc.eval_images, len(val))))
+    perceptual = S.PerceptualLoss(lc.alpha, S.load_vgg16(tc.vgg_weights)).to(device)
+
+    model = S.Tokenizer(mc)
+    disc = S.Discriminator(mc.image_size, lc.disc_channels, lc.disc_max_channels)
+    if init is not None:  # phase 2: phase-1 weights; only the new attention layers start fresh
+        missing, unexpected = model.load_state_dict(S.clean_state_dict(init["model"]), strict=False)
+        assert not unexpected and all(k.startswith("decoder.attn.") for k in missing), (missing, unexpected)
+        disc.load_state_dict(S.clean_state_dict(init["disc"]))
+    if tc.phase == 2:
+        model.encoder.requires_grad_(False)
+        model.quantizer.requires_grad_(False)
+    model.to(device)
+    disc.to(device)
+    fused = dict(fused=True) if device.type == "cuda" else {}
+    betas = (0.9, 0.99) if tc.phase == 1 else (0.5, 0.9)  # paper: phase 1 / phase 2
+    opt_g = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=tc.lr, betas=betas, **fused)
+    opt_d = torch.optim.Adam(disc.parameters(), lr=tc.lr, betas=(0.0, 0.99), **fused)
+    step = 0
+    if ckpt is not None:
+        model.load_state_dict(S.clean_state_dict(ckpt["model"]))
+        disc.load_state_dict(S.clean_state_dict(ckpt["disc"]))
+        opt_g.load_state_dict(ckpt["opt_g"])
+        opt_d.load_state_dict(ckpt["opt_d"])
+        step = ckpt["step"]
+    g_model = torch.compile(model) if tc.compile else model
+    g_disc = torch.compile(disc) if tc.compile else disc
+
+    os.makedirs(tc.out, exist_ok=True)
+    ckpt_path, log_path = os.path.join(tc.out, "ckpt.pt"), os.path.join(tc.out, "log.txt")
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    header = (f"phase {tc.phase} | {tc.data} ({len(ds)} images) | device {device} | tokenizer "
+              f"{S.count_params(model) / 1e6:.2f}M ({n_train / 1e6:.2f}M trained), D {S.count_params(disc) / 1e6:.2f}M | "
+              f"{mc.grid}x{mc.grid} tokens, K={mc.n_codes} | alpha {lc.alpha} | start step {step}")
+
+    def log(line):
+        tqdm.write(line)
+        with open(log_path, "a") as f:
+            f.write(line + "\n")
+
+    log(header)
+    log(f"config: {asdict(tc)} {asdict(mc)} {asdict(lc)}")
+
+    def save():
+        S.save_checkpoint(ckpt_path, dict(kind="tokenizer", phase=tc.phase, step=step, model_config=asdict(mc),
+                                          loss_config=asdict(lc), train_config=asdict(tc),
+                                          model=model.state_dict(), disc=disc.state_dict(),
+                                          opt_g=opt_g.state_dict(), opt_d=opt_d.state_dict()))
+
+    data = batches(ds, tc, step, device)
+    names = ["loss", "l1", "perceptual", "l_low", "l_sem", "codebook", "commitment", "entropy", "g_adv", "d_loss", "r1"]
+    acc = torch.zeros(len(names), device=device)  # running sums, read back only at log time (no host sync per step)
+    counts = torch.zeros(mc.n_codes, device=device, dtype=torch.long)
+    n_acc, t0, zero = 0, time.time(), torch.zeros((), device=device)
+    bar = tqdm(total=tc.steps, initial=step, desc=f"phase {tc.phase}", dynamic_ncols=True)
+    while step < tc.steps:
+        lr = get_lr(step, tc)
+        for opt in (opt_g, opt_d):
+            for group in opt.param_groups:
+                group["lr"] = lr
+        x = S.to_input(next(data)[0], device, mc.image_size)
+
+        # generator step: L1 + L_alpha (Eq. 3) + L_vq (Eq. 2, phase 1 only) + w_gan * softplus(-D(x_hat))
+        gan_w = S.gan_weight_at(step, lc)
+        disc.requires_grad_(False)  # G's loss needs D's input gradient, not its parameter gradients
+        with ctx:
+            x_hat, idx, q = g_model(x)
+            l1 = (x_hat.float() - x).abs().mean()
+            l_p, p_terms = perceptual(x_hat, x)
+            g_adv = S.g_loss(g_disc(x_hat)) if gan_w > 0 else zero
+            loss = lc.l1_weight * l1 + lc.perceptual_weight * l_p + gan_w * g_adv
+            if tc.phase == 1:
+                loss = loss + q["loss"]
+        opt_g.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_g.step()
+        disc.requires_grad_(True)
+
+        d, r1 = zero, zero
+        if step >= lc.gan_start:
+            d, r1 = d_step(g_disc, opt_d, x, x_hat, lc, step, ctx)
+
+        terms = [loss, l1, l_p, p_terms["l_low"], p_terms["l_sem"], q["codebook_loss"], q["commitment_loss"],
+                 q["entropy"], g_adv, d, r1]
+        acc += torch.stack([t.detach().float() for t in terms])
+        counts += torch.bincount(idx.flatten(), minlength=mc.n_codes)
+        n_acc += 1
+        step += 1
+        bar.update(1)
+
+        if step % tc.log_every == 0 or step == tc.steps:
+            vals = dict(zip(names, (acc / n_acc).tolist()))  # the one host sync of the interval
+            if not all(map(torch.isfinite, torch.tensor(list(vals.values())))):
+                raise S.SeqganError(f"non-finite loss at step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in vals.items())
+                                    + f"; lower --lr (now {tc.lr}) or check the data. Last good checkpoint: {ckpt_path}")
+            usage, ppl = S.codebook_usage(counts)
+            ips = n_acc * tc.batch_size / (time.time() - t0)
+            log(f"step {step} | " + " ".join(f"{k} {v:.4f}" for k, v in vals.items())
+                + f" | H/logK {vals['entropy'] / torch.log(torch.tensor(mc.n_codes)).item():.3f}"
+                + f" | usage {usage.item():.3f} ppl {ppl.item():.1f} | gan_w {gan_w:.3f} lr {lr:.2e} | {ips:.1f} img/s")
+            bar.set_postfix(l1=f"{vals['l1']:.3f}", usage=f"{usage.item():.2f}", ips=f"{ips:.0f}")
+            acc.zero_()
+            counts.zero_()
+            n_acc, t0 = 0, time.time()
+
+        if step % tc.eval_every == 0 or step == tc.steps:
+            metrics, (xs, xr) = evaluate(model, val, tc, mc, device, ctx)
+            log(f"eval step {step} | PSNR {metrics['psnr']:.2f} dB | usage {metrics['usage']:.3f} "
+                f"({round(metrics['usage'] * mc.n_codes)}/{mc.n_codes} codes) | perplexity {metrics['perplexity']:.1f}")
+            if metrics["usage"] < 0.1:
+                log(f"warning: only {round(metrics['usage'] * mc.n_codes)}/{mc.n_codes} codes used; "
+                    "raise --entropy-weight or --entropy-temp")
+            grid = torch.cat([xs, xr])
+            torchvision.utils.save_image(grid, os.path.join(tc.out, f"recon_{step:07d}.png"), nrow=len(xs),
+                                         normalize=True, value_range=(-1, 1))
+            save()
+            t0 = time.time()
+    bar.close()
+    log(f"done: {ckpt_path}")
+
+
+if __name__ == "__main__":
+    S.cli(main)
