@@ -578,6 +578,321 @@ def gan_weight_at(step, cfg):
 
 
 # -----------------------------------------------------------------------------
+# generative priors over the token grid (section 3.2, Table 8): one transformer, two uses.
+# causal=True is the AR prior (VQGAN-style next-token prediction in raster order);
+# causal=False is the NAR prior (MaskGIT: bidirectional, [MASK] = id K).
+
+
+@dataclass
+class PriorConfig:
+    """Shape of the prior transformer (Table 8). n_codes, grid and n_classes come from the tokenizer
+    and the data, causal from --model ar|nar; the rest are flags of train_prior.py."""
+    n_codes: int = knob(1024, "K, the tokenizer's codebook size")
+    grid: int = knob(64, "h*w tokens per image (8x8 classroom, 16x16 paper)")
+    n_classes: int = knob(0, "classes for conditioning; 0 = unconditional")
+    n_layer: int = knob(8, "transformer layers")
+    n_head: int = knob(8, "attention heads")
+    n_embd: int = knob(256, "embedding width (MLP 4x)")
+    dropout: float = knob(0.1, "dropout in attention, MLP and embeddings")
+    causal: bool = knob(True, "True: AR prior, False: NAR (MaskGIT) prior")
+
+
+# Table 8: 24 layers, 16 heads, d 768, MLP 3072 (4x), dropout 0.1 -> ~172M params;
+# large: d 1024, MLP 4096 -> ~305M. The paper gives no head count for large: 16 assumed.
+PRIOR_PRESETS = {
+    "classroom": dict(n_layer=8, n_head=8, n_embd=256, dropout=0.1),
+    "base": dict(n_layer=24, n_head=16, n_embd=768, dropout=0.1),
+    "large": dict(n_layer=24, n_head=16, n_embd=1024, dropout=0.1),
+}
+
+
+def prior_preset(name, n_codes, grid, n_classes, causal):
+    """A PriorConfig with the shape of a named preset (Table 8) and the data's vocab/grid/classes."""
+    return PriorConfig(n_codes=n_codes, grid=grid, n_classes=n_classes, causal=causal, **PRIOR_PRESETS[name])
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention, causal (AR) or bidirectional (NAR), with an optional KV cache."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        assert cfg.n_embd % cfg.n_head == 0
+        self.n_head, self.causal, self.dropout = cfg.n_head, cfg.causal, cfg.dropout
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, kv=None, pos=0):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if kv is not None:
+            # Cached decoding feeds one position at a time: store its key/value at `pos`,
+            # then attend to positions 0..pos. The cache holds only the past, so no mask.
+            assert T == 1 and self.causal
+            kv[0][:, :, pos:pos + 1], kv[1][:, :, pos:pos + 1] = k, v
+            k, v = kv[0][:, :, :pos + 1], kv[1][:, :, :pos + 1]  # (B, nh, pos+1, hs)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                           is_causal=self.causal and kv is None)
+        y = y.transpose(1, 2).reshape(B, T, C)  # re-assemble all head outputs side by side
+        return self.resid_drop(self.proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
+        self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.drop(self.proj(F.gelu(self.fc(x))))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln_1, self.attn = nn.LayerNorm(cfg.n_embd), SelfAttention(cfg)
+        self.ln_2, self.mlp = nn.LayerNorm(cfg.n_embd), MLP(cfg)
+
+    def forward(self, x, kv=None, pos=0):
+        x = x + self.attn(self.ln_1(x), kv, pos)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Prior(nn.Module):
+    """Transformer prior over the h*w token grid (paper Sec. 3.2, Table 8).
+
+    The input sequence is [c, s_0, s_1, ...]: position 0 holds the class token
+    (or a dedicated start token when unconditional), then the image tokens in raster
+    order. forward(idx, y) returns logits (B, t, K) where row j scores image token j:
+    AR from tokens < j only, NAR from the whole (partly masked) grid.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        C = cfg.n_embd
+        self.wte = nn.Embedding(cfg.n_codes + 1, C)    # +1: id K is [MASK] (NAR only), never a real code
+        self.wce = nn.Embedding(cfg.n_classes + 1, C)  # +1: row n_classes is the start token used when y is None
+        self.wpe = nn.Embedding(cfg.grid + 1, C)       # +1: position 0 holds the class/start token
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(C)
+        self.head = nn.Linear(C, cfg.n_codes)          # K logits: [MASK] and start are never predicted
+        self.apply(self._init_weights)
+        # GPT-2: scale the init of projections into the residual stream by 1/sqrt(2 * n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    def _init_weights(self, m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+        if isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)
+
+    def embed(self, idx, y=None):
+        """(B, t) token ids -> (B, t+1, C) inputs [class/start, tokens] plus positions."""
+        B, t = idx.shape
+        assert (y is None) == (self.cfg.n_classes == 0), "pass y exactly when the prior is class-conditional"
+        if y is None:
+            y = idx.new_full((B,), self.cfg.n_classes)
+        x = torch.cat([self.wce(y)[:, None], self.wte(idx)], dim=1)  # (B, t+1, C)
+        return self.drop(x + self.wpe.weight[:t + 1])
+
+    def body(self, x, kv_cache=None, pos=0):
+        """Transformer on embedded inputs (B, T, C) -> logits (B, T, K); kv_cache: one (k, v) per layer."""
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if kv_cache is None else kv_cache[i], pos)
+        return self.head(self.ln_f(x))
+
+    def forward(self, idx, y=None):
+        """idx (B, t) ids, y (B,) classes or None -> logits (B, t, K); AR also accepts t < grid."""
+        N = self.cfg.grid
+        assert idx.size(1) <= N
+        x = self.embed(idx, y)
+        if self.cfg.causal:
+            # The output at position j (input s_{j-1}, or c at j=0) predicts s_j; the
+            # last token s_{N-1} predicts nothing, so drop it: row j of the result scores s_j.
+            return self.body(x[:, :N])
+        return self.body(x)[:, 1:]  # NAR: drop the class/start position's output
+
+
+def num_params(cfg, embeddings=True):
+    """Parameter count of Prior(cfg) in closed form (checked against the module in the tests)."""
+    C, L, K = cfg.n_embd, cfg.n_layer, cfg.n_codes
+    per_layer = 12 * C * C + 13 * C  # qkv 3C^2+3C, proj C^2+C, fc 4C^2+4C, proj 4C^2+C, two LayerNorms 4C
+    n = L * per_layer + 2 * C + C * K + K  # + ln_f + head
+    if embeddings:
+        n += (K + 1 + cfg.n_classes + 1 + cfg.grid + 1) * C  # wte, wce, wpe
+    return n
+
+
+def estimate_flops_per_token(cfg):
+    """Training FLOPs (fwd+bwd) per token, nanoGPT/PaLM appendix B: 6N + 12*L*H*Q*T.
+
+    N excludes the embedding tables (lookups, not matmuls); T is the sequence length
+    the model sees (grid for AR, grid + 1 for NAR, which keeps the class token).
+    """
+    L, H, Q = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head
+    T = cfg.grid + (0 if cfg.causal else 1)
+    return 6 * num_params(cfg, embeddings=False) + 12 * L * H * Q * T
+
+
+# prior losses: next token (AR), masked tokens (MaskGIT)
+
+def ar_loss(model, idx, y=None):
+    """Next-token cross-entropy over the raster-order grid; idx (B, N) -> (loss, accuracy)."""
+    logits = model(idx, y).float()  # (B, N, K), row j predicts idx[:, j] from idx[:, :j]
+    loss = F.cross_entropy(logits.flatten(0, 1), idx.flatten())
+    acc = (logits.argmax(-1) == idx).float().mean()
+    return loss, acc
+
+
+def _lowest(scores, n):
+    """Bool mask of the n lowest scores in each row; n is an int or a (B, 1) tensor."""
+    return scores.argsort(dim=1).argsort(dim=1) < n  # rank of each entry within its row < n
+
+
+def maskgit_loss(model, idx, y=None, generator=None):
+    """MaskGIT training loss (Chang et al. 2022, Sec. 3.2); idx (B, N) -> (loss, accuracy) on masked tokens.
+
+    Per sample u ~ U(0, 1), mask ratio r = cos(pi/2 * u), ceil(r * N) >= 1 random tokens
+    are replaced by [MASK] = K; cross-entropy with label smoothing 0.1 on those only.
+    generator must live on idx's device; u is its first draw.
+    """
+    B, N = idx.shape
+    u = torch.rand(B, 1, device=idx.device, generator=generator)
+    n_mask = torch.ceil(torch.cos(math.pi / 2 * u) * N).clamp(min=1)  # (B, 1)
+    mask = _lowest(torch.rand(B, N, device=idx.device, generator=generator), n_mask)  # (B, N), random positions
+    logits = model(idx.masked_fill(mask, model.cfg.n_codes), y).float()  # (B, N, K)
+    # Weight per-token losses by the mask instead of indexing logits[mask]: the boolean
+    # index would need a host sync to learn its size.
+    ce = F.cross_entropy(logits.transpose(1, 2), idx, label_smoothing=0.1, reduction="none")  # (B, N)
+    m = mask.float()
+    loss = (ce * m).sum() / m.sum()
+    acc = ((logits.argmax(-1) == idx).float() * m).sum() / m.sum()
+    return loss, acc
+
+
+# sampling: AR with a KV cache, MaskGIT iterative decoding, the Fig. 4 visualization
+
+def top_k_filter(logits, k):
+    """Keep the k largest logits of each row (ties with the k-th are kept too), -inf elsewhere; k=0 keeps all."""
+    if k <= 0 or k >= logits.size(-1):
+        return logits
+    kth = logits.topk(k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits, p):
+    """Nucleus filter (Holtzman et al. 2020): keep the fewest most likely tokens whose mass reaches p."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(-1)
+    # Drop a token when the mass ranked above it already reaches p; the top token always stays.
+    drop_sorted = probs.cumsum(-1) - probs >= p
+    drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_logits(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    """(B, K) logits -> (B, 1) sampled ids: temperature, then top-k, then top-p."""
+    logits = top_p_filter(top_k_filter(logits.float() / temperature, top_k), top_p)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)
+
+
+@torch.no_grad()
+def generate_ar(model, n, y=None, temperature=1.0, top_k=0, top_p=1.0, generator=None, use_cache=True):
+    """Sample n token grids (n, grid) from the AR prior in raster order; call model.eval() first.
+
+    use_cache=True keeps per-layer keys/values (B, nh, T, hs) and feeds one new token per
+    step; use_cache=False recomputes the whole prefix each step (the reference path).
+    Both draw from `generator` in the same order, so they return the same tokens.
+    Paper sampling: top-p 0.92 on ImageNet, 0.98 elsewhere.
+    """
+    cfg = model.cfg
+    assert cfg.causal
+    N, device = cfg.grid, model.head.weight.device
+    idx = torch.empty(n, 0, dtype=torch.long, device=device)
+    if use_cache:
+        shape = (n, cfg.n_head, N, cfg.n_embd // cfg.n_head)  # (B, nh, T, hs)
+        dtype = model.head.weight.dtype
+        kv_cache = [(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+                    for _ in range(cfg.n_layer)]
+        x = model.embed(idx, y)  # (n, 1, C): just the class/start token at position 0
+    for i in range(N):
+        if use_cache:
+            logits = model.body(x, kv_cache, pos=i)[:, -1]
+        else:
+            logits = model(idx, y)[:, -1]  # (n, K), scores token i
+        tok = sample_logits(logits, temperature, top_k, top_p, generator)  # (n, 1)
+        idx = torch.cat([idx, tok], dim=1)
+        if use_cache and i + 1 < N:
+            x = model.wte(tok) + model.wpe.weight[i + 1]  # token i sits at sequence position i + 1
+    return idx
+
+
+def maskgit_schedule(n_tokens, steps):
+    """Number of tokens still masked after each decoding step (MaskGIT cosine schedule).
+
+    After step t (0-based) of T: floor(N * cos(pi/2 * (t+1)/T)), at least 1 and at most
+    (masked before the step - 1) until the last step, 0 after it. This counts *masked*
+    tokens; a popular port inverts it (uses it as the count to keep), which reveals
+    few tokens early and most at the end, the opposite of MaskGIT.
+    """
+    assert 1 <= steps <= n_tokens, "each step must reveal at least one token"
+    schedule, masked = [], n_tokens
+    for t in range(steps):
+        target = math.floor(n_tokens * math.cos(math.pi / 2 * (t + 1) / steps))
+        masked = 0 if t == steps - 1 else max(1, min(masked - 1, target))
+        schedule.append(masked)
+    return schedule
+
+
+@torch.no_grad()
+def generate_maskgit(model, n, y=None, steps=12, temperature=1.0, choice_temperature=4.5,
+                     generator=None, on_step=None):
+    """Sample n token grids (n, grid) with MaskGIT iterative decoding; call model.eval() first.
+
+    Each step samples every masked position (at `temperature`), scores the choice by
+    log p(chosen) (under that tempered p) + choice_temperature * (1 - (t+1)/T) * Gumbel
+    noise, and keeps masked the least confident, as many as maskgit_schedule says. Fixed
+    tokens get confidence +inf, so they are never re-masked or changed. Paper: 12 steps,
+    temperature 0.45 (ImageNet) / 0.65. on_step(t, idx), if given, sees the grid after each step.
+    """
+    cfg = model.cfg
+    assert not cfg.causal
+    K, N = cfg.n_codes, cfg.grid
+    idx = torch.full((n, N), K, dtype=torch.long, device=model.head.weight.device)  # all [MASK]
+    for t, n_masked in enumerate(maskgit_schedule(N, steps)):
+        masked = idx == K  # (n, N)
+        logp = F.log_softmax(model(idx, y).float() / temperature, dim=-1)  # (n, N, K)
+        sampled = torch.multinomial(logp.exp().flatten(0, 1), 1, generator=generator).view(n, N)
+        sampled = torch.where(masked, sampled, idx)  # fixed tokens stay as they are
+        # Annealed Gumbel noise: random choice early, pure confidence at the end. The clamp keeps log finite.
+        u = torch.rand(n, N, device=idx.device, generator=generator).clamp_min(1e-20)
+        gumbel = -torch.log(-torch.log(u))
+        conf = logp.gather(-1, sampled[..., None]).squeeze(-1) + choice_temperature * (1 - (t + 1) / steps) * gumbel
+        conf = conf.masked_fill(~masked, float("inf"))
+        idx = sampled.masked_fill(_lowest(conf, n_masked), K)
+        if on_step is not None:
+            on_step(t, idx)
+    return idx
+
+
+@torch.no_grad()
+def teacher_forced_prediction(model, idx, y=None):
+    """Fig. 4: s' = argmax of one teacher-forced pass of the AR prior over true indices s; (B, grid)."""
+    assert model.cfg.causal
+    return model(idx, y).argmax(-1)  # s'_j sees the true s_<j, never its own earlier guesses
+
+
+# -----------------------------------------------------------------------------
 # data: image folders, CIFAR-10 and Fashion-MNIST, as uint8 (3, S, S) tensors
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")

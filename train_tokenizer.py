@@ -232,70 +232,70 @@ def main(argv=None):
     acc = torch.zeros(len(names), device=device)  # running sums, read back only at log time (no host sync per step)
     counts = torch.zeros(mc.n_codes, device=device, dtype=torch.long)
     n_acc, t0, zero = 0, time.time(), torch.zeros((), device=device)
-    bar = tqdm(total=tc.steps, initial=step, desc=f"phase {tc.phase}", dynamic_ncols=True)
-    while step < tc.steps:
-        lr = get_lr(step, tc)
-        for opt in (opt_g, opt_d):
-            for group in opt.param_groups:
-                group["lr"] = lr
-        x = S.to_input(next(data)[0], device, mc.image_size)
+    # the with-block closes the bar on an error too, so the error line stands on its own
+    with tqdm(total=tc.steps, initial=step, desc=f"phase {tc.phase}", dynamic_ncols=True) as bar:
+        while step < tc.steps:
+            lr = get_lr(step, tc)
+            for opt in (opt_g, opt_d):
+                for group in opt.param_groups:
+                    group["lr"] = lr
+            x = S.to_input(next(data)[0], device, mc.image_size)
 
-        # generator step: L1 + L_alpha (Eq. 3) + L_vq (Eq. 2, phase 1 only) + w_gan * softplus(-D(x_hat))
-        gan_w = S.gan_weight_at(step, lc)
-        disc.requires_grad_(False)  # G's loss needs D's input gradient, not its parameter gradients
-        with ctx:
-            x_hat, idx, q = g_model(x)
-            l1 = (x_hat.float() - x).abs().mean()
-            l_p, p_terms = perceptual(x_hat, x)
-            g_adv = S.g_loss(g_disc(x_hat)) if gan_w > 0 else zero
-            loss = lc.l1_weight * l1 + lc.perceptual_weight * l_p + gan_w * g_adv
-            if tc.phase == 1:
-                loss = loss + q["loss"]
-        opt_g.zero_grad(set_to_none=True)
-        loss.backward()
-        opt_g.step()
-        disc.requires_grad_(True)
+            # generator step: L1 + L_alpha (Eq. 3) + L_vq (Eq. 2, phase 1 only) + w_gan * softplus(-D(x_hat))
+            gan_w = S.gan_weight_at(step, lc)
+            disc.requires_grad_(False)  # G's loss needs D's input gradient, not its parameter gradients
+            with ctx:
+                x_hat, idx, q = g_model(x)
+                l1 = (x_hat.float() - x).abs().mean()
+                l_p, p_terms = perceptual(x_hat, x)
+                g_adv = S.g_loss(g_disc(x_hat)) if gan_w > 0 else zero
+                loss = lc.l1_weight * l1 + lc.perceptual_weight * l_p + gan_w * g_adv
+                if tc.phase == 1:
+                    loss = loss + q["loss"]
+            opt_g.zero_grad(set_to_none=True)
+            loss.backward()
+            opt_g.step()
+            disc.requires_grad_(True)
 
-        d, r1 = zero, zero
-        if step >= lc.gan_start:
-            d, r1 = d_step(g_disc, opt_d, x, x_hat, lc, step, ctx)
+            d, r1 = zero, zero
+            if step >= lc.gan_start:
+                d, r1 = d_step(g_disc, opt_d, x, x_hat, lc, step, ctx)
 
-        terms = [loss, l1, l_p, p_terms["l_low"], p_terms["l_sem"], q["codebook_loss"], q["commitment_loss"],
-                 q["entropy"], g_adv, d, r1]
-        acc += torch.stack([t.detach().float() for t in terms])
-        counts += torch.bincount(idx.flatten(), minlength=mc.n_codes)
-        n_acc += 1
-        step += 1
-        bar.update(1)
+            terms = [loss, l1, l_p, p_terms["l_low"], p_terms["l_sem"], q["codebook_loss"], q["commitment_loss"],
+                     q["entropy"], g_adv, d, r1]
+            acc += torch.stack([t.detach().float() for t in terms])
+            counts += torch.bincount(idx.flatten(), minlength=mc.n_codes)
+            n_acc += 1
+            step += 1
+            bar.update(1)
 
-        if step % tc.log_every == 0 or step == tc.steps:
-            vals = dict(zip(names, (acc / n_acc).tolist()))  # the one host sync of the interval
-            if not all(map(torch.isfinite, torch.tensor(list(vals.values())))):
-                raise S.SeqganError(f"non-finite loss at step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in vals.items())
-                                    + f"; lower --lr (now {tc.lr}) or check the data. Last good checkpoint: {ckpt_path}")
-            usage, ppl = S.codebook_usage(counts)
-            ips = n_acc * tc.batch_size / (time.time() - t0)
-            log(f"step {step} | " + " ".join(f"{k} {v:.4f}" for k, v in vals.items())
-                + f" | H/logK {vals['entropy'] / torch.log(torch.tensor(mc.n_codes)).item():.3f}"
-                + f" | usage {usage.item():.3f} ppl {ppl.item():.1f} | gan_w {gan_w:.3f} lr {lr:.2e} | {ips:.1f} img/s")
-            bar.set_postfix(l1=f"{vals['l1']:.3f}", usage=f"{usage.item():.2f}", ips=f"{ips:.0f}")
-            acc.zero_()
-            counts.zero_()
-            n_acc, t0 = 0, time.time()
+            if step % tc.log_every == 0 or step == tc.steps:
+                vals = dict(zip(names, (acc / n_acc).tolist()))  # the one host sync of the interval
+                if not all(map(torch.isfinite, torch.tensor(list(vals.values())))):
+                    raise S.SeqganError(f"non-finite loss at step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in vals.items())
+                                        + f"; lower --lr (now {tc.lr}) or check the data. Last good checkpoint: {ckpt_path}")
+                usage, ppl = S.codebook_usage(counts)
+                ips = n_acc * tc.batch_size / (time.time() - t0)
+                log(f"step {step} | " + " ".join(f"{k} {v:.4f}" for k, v in vals.items())
+                    + f" | H/logK {vals['entropy'] / torch.log(torch.tensor(mc.n_codes)).item():.3f}"
+                    + f" | usage {usage.item():.3f} ppl {ppl.item():.1f} | gan_w {gan_w:.3f} lr {lr:.2e} | {ips:.1f} img/s")
+                bar.set_postfix(l1=f"{vals['l1']:.3f}", usage=f"{usage.item():.2f}", ips=f"{ips:.0f}")
+                acc.zero_()
+                counts.zero_()
+                n_acc, t0 = 0, time.time()
 
-        if step % tc.eval_every == 0 or step == tc.steps:
-            metrics, (xs, xr) = evaluate(model, val, tc, mc, device, ctx)
-            log(f"eval step {step} | PSNR {metrics['psnr']:.2f} dB | usage {metrics['usage']:.3f} "
-                f"({round(metrics['usage'] * mc.n_codes)}/{mc.n_codes} codes) | perplexity {metrics['perplexity']:.1f}")
-            if metrics["usage"] < 0.1:
-                log(f"warning: only {round(metrics['usage'] * mc.n_codes)}/{mc.n_codes} codes used; "
-                    "raise --entropy-weight or --entropy-temp")
-            grid = torch.cat([xs, xr])
-            torchvision.utils.save_image(grid, os.path.join(tc.out, f"recon_{step:07d}.png"), nrow=len(xs),
-                                         normalize=True, value_range=(-1, 1))
-            save()
-            t0 = time.time()
-    bar.close()
+            if step % tc.eval_every == 0 or step == tc.steps:
+                metrics, (xs, xr) = evaluate(model, val, tc, mc, device, ctx)
+                log(f"eval step {step} | PSNR {metrics['psnr']:.2f} dB | usage {metrics['usage']:.3f} "
+                    f"({round(metrics['usage'] * mc.n_codes)}/{mc.n_codes} codes) | perplexity {metrics['perplexity']:.1f}")
+                if metrics["usage"] < 0.1:
+                    log(f"warning: only {round(metrics['usage'] * mc.n_codes)}/{mc.n_codes} codes used; "
+                        "raise --entropy-weight or --entropy-temp")
+                grid = torch.cat([xs, xr])
+                torchvision.utils.save_image(grid, os.path.join(tc.out, f"recon_{step:07d}.png"), nrow=len(xs),
+                                             normalize=True, value_range=(-1, 1))
+                save()
+                t0 = time.time()
     log(f"done: {ckpt_path}")
 
 

@@ -1,0 +1,602 @@
+"""
+The specification of seqgan.py and its scripts, as tests. CPU only, tiny models, no network:
+VGG16 and Inception are randomly initialised *on purpose* (--vgg-weights random).
+
+  python -m pytest -q test_seqgan.py
+"""
+
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import seqgan as S
+import train_tokenizer
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = ["--vgg-weights", "random", "--channels", "16", "--n-codes", "32", "--code-dim", "8",
+        "--disc-channels", "8", "--batch-size", "4", "--log-every", "2", "--eval-every", "4",
+        "--eval-images", "8", "--num-workers", "0", "--attn-heads", "2"]
+
+
+@pytest.fixture(scope="session")
+def random_vgg():
+    """One randomly initialised VGG16 for the whole session (building it costs seconds)."""
+    return S.load_vgg16("random")
+
+
+@pytest.fixture(autouse=True)
+def reuse_random_vgg(monkeypatch, random_vgg):
+    load = S.load_vgg16
+    monkeypatch.setattr(S, "load_vgg16", lambda w: random_vgg if w == "random" else load(w))
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory):
+    """12 real-size PNGs (36x40, not square) in two class subfolders."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        d = root / ("cats" if i % 2 else "dogs")
+        d.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (36, 40, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def phase1_ckpt(tmp_path_factory, image_folder):
+    """A tiny phase-1 run through the real script: 4 steps, the GAN switching on at step 2."""
+    out = tmp_path_factory.mktemp("phase1")
+    vgg = S.load_vgg16("random")
+    orig, S.load_vgg16 = S.load_vgg16, lambda w: vgg
+    try:
+        train_tokenizer.main(TINY + ["--data", image_folder, "--steps", "4", "--gan-start", "2", "--out", str(out)])
+    finally:
+        S.load_vgg16 = orig
+    return str(out / "ckpt.pt")
+
+
+def quantizer(**kw):
+    args = dict(n_codes=16, code_dim=4, beta=0.25, entropy_weight=0.0, entropy_temp=1.0)
+    return S.VectorQuantizer(**{**args, **kw})
+
+
+# -----------------------------------------------------------------------------
+# quantizer (Eq. 1, Eq. 2, section 3.4)
+
+
+def test_quantizer_returns_nearest_code():
+    """Eq. 1: each position takes the code at the smallest Euclidean distance (brute-force cdist)."""
+    torch.manual_seed(0)
+    q = quantizer()
+    q.codebook.weight.data.normal_()
+    z_e = torch.randn(3, 4, 5, 6)
+    z_q, idx, _ = q(z_e)
+    flat = z_e.permute(0, 2, 3, 1).reshape(-1, 4)
+    expected = torch.cdist(flat, q.codebook.weight).argmin(1).reshape(3, 5, 6)
+    assert torch.equal(idx, expected)
+    assert torch.allclose(z_q, q.codebook.weight[expected].permute(0, 3, 1, 2))
+
+
+def test_straight_through_reaches_encoder():
+    """The forward value is z_q, and d(z_q)/d(z_e) is the identity (straight-through estimator)."""
+    q = quantizer()
+    z_e = torch.randn(2, 4, 3, 3, requires_grad=True)
+    z_q, _, _ = q(z_e)
+    g = torch.randn_like(z_q)
+    (z_q * g).sum().backward()
+    assert torch.equal(z_e.grad, g)
+
+
+def test_beta_scales_commitment_not_codebook():
+    """Eq. 2: beta multiplies |sg[z_q] - z_e|^2 (the encoder's term). With beta = 0 the encoder gets
+    no gradient from the VQ loss while the codebook still does; with beta = b it gets b * 2(z_e - z_q)/n."""
+    torch.manual_seed(0)
+    for beta in (0.0, 0.25):
+        q = quantizer(beta=beta)
+        z_e = torch.randn(2, 4, 3, 3, requires_grad=True)
+        z_q, _, terms = q(z_e)
+        terms["loss"].backward()
+        assert q.codebook.weight.grad.abs().sum() > 0
+        expected = beta * 2 * (z_e - z_q).detach() / z_e.numel()
+        assert torch.allclose(z_e.grad, expected, atol=1e-7)
+        assert torch.allclose(terms["codebook_loss"], terms["commitment_loss"])  # same value, different gradient
+
+
+def test_entropy_term_raises_codebook_usage():
+    """Section 3.4: on data that one code reaches first, plain VQ collapses to that code; the
+    -gamma H(mean softmax(-D)) term (paper weight 0.01) pulls the unused codes in."""
+    def usage_after_training(entropy_weight):
+        torch.manual_seed(0)
+        z_e = 0.3 * torch.randn(512, 2, 1, 1)
+        q = quantizer(n_codes=16, code_dim=2, entropy_weight=entropy_weight)
+        with torch.no_grad():  # codes on a ray away from the data: code 0 is nearest to every point
+            q.codebook.weight.copy_((3 + 0.5 * torch.arange(16.0))[:, None] * torch.tensor([[0.6, 0.8]]))
+        opt = torch.optim.Adam(q.parameters(), lr=0.05)
+        for _ in range(300):
+            _, _, terms = q(z_e)
+            opt.zero_grad()
+            terms["loss"].backward()
+            opt.step()
+        _, idx, terms = q(z_e)
+        return S.codebook_usage(torch.bincount(idx.flatten(), minlength=16))[0].item(), terms["entropy"].item()
+
+    plain, h_plain = usage_after_training(0.0)
+    regularised, h_reg = usage_after_training(0.01)
+    assert plain == 1 / 16
+    assert regularised >= 4 / 16
+    assert h_reg > h_plain  # the term raises H(D_bar); a sign error would lower it
+
+
+def test_codebook_usage_and_perplexity():
+    counts = torch.tensor([5, 5, 0, 0])
+    usage, ppl = S.codebook_usage(counts)
+    assert usage.item() == 0.5 and abs(ppl.item() - 2.0) < 1e-5
+
+
+# -----------------------------------------------------------------------------
+# perceptual loss (Eq. 3)
+
+
+def test_perceptual_taps_are_the_named_vgg16_layers(random_vgg):
+    """The five taps are the outputs of torchvision's vgg16 ReLUs relu1_2 ... relu5_3 (indices
+    3, 8, 15, 22, 29 of .features) and 'logits' is the full classifier output before softmax."""
+    feats = random_vgg.features
+    convs_before = {3: 64, 8: 128, 15: 256, 22: 512, 29: 512}
+    for i, c in convs_before.items():
+        assert isinstance(feats[i], torch.nn.ReLU) and feats[i - 1].out_channels == c
+    loss = S.PerceptualLoss(0.5, random_vgg)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    out = loss.features(x, logits=True)
+    h = ((x + 1) / 2 - loss.mean) / loss.std
+    for i, name in S.VGG_TAPS.items():
+        assert torch.allclose(out[name], feats[: i + 1](h), atol=1e-5), name
+    assert torch.allclose(out["logits"], random_vgg(h), atol=1e-4)
+    assert set(out) == set(S.LOW_LAYERS) | set(S.SEM_LAYERS)
+
+
+def test_perceptual_alpha_mixes_as_eq3(random_vgg):
+    """L_alpha = alpha * (mse5_3 + mse_logits) + (1 - alpha) * (mse1_2 + ... + mse5_3); at alpha = 0
+    the classifier never runs."""
+    torch.manual_seed(0)
+    x, y = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    ref = S.PerceptualLoss(1.0, random_vgg)
+    fx, fy = ref.features(x, logits=True), ref.features(y, logits=True)
+    mse = {k: F.mse_loss(fx[k], fy[k]) for k in fx}
+    low = sum(mse[k] for k in ("relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3"))
+    sem = mse["relu5_3"] + mse["logits"]
+    calls = []
+    hook = random_vgg.classifier.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        for alpha in (0.0, 0.3, 1.0):
+            calls.clear()
+            value, terms = S.PerceptualLoss(alpha, random_vgg)(x, y)
+            assert torch.allclose(value, alpha * sem + (1 - alpha) * low, rtol=1e-5)
+            assert len(calls) == (0 if alpha == 0 else 2)
+    finally:
+        hook.remove()
+
+
+def test_vgg_weights_offline_is_one_clear_error(monkeypatch, tmp_path):
+    """No network: the error names the file and where to put it (no silent random fallback)."""
+    import urllib.error
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(S.SeqganError, match=r"vgg16-397923af\.pth.*--vgg-weights PATH"):
+        S.load_vgg16("imagenet")
+
+
+def test_vgg_weights_from_local_path(tmp_path, random_vgg):
+    path = tmp_path / "vgg.pth"
+    torch.save(random_vgg.state_dict(), path)
+    vgg = S.load_vgg16(str(path))
+    assert torch.equal(vgg.features[0].weight, random_vgg.features[0].weight)
+    torch.save({"nope": torch.zeros(1)}, path)
+    with pytest.raises(S.SeqganError, match="not a torchvision VGG16 state dict"):
+        S.load_vgg16(str(path))
+
+
+# -----------------------------------------------------------------------------
+# model shape, attention, discriminator
+
+
+def test_paper_preset_matches_table7_size():
+    """Table 7 / section 4: phase 1 has 54.5M parameters, phase 2 57.9M (+3.4M of attention)."""
+    preset = {k: v for k, v in S.PRESETS["paper"].items() if k in S.TokenizerConfig.__dataclass_fields__}
+    p1 = S.count_params(S.Tokenizer(S.TokenizerConfig(**preset)))
+    p2 = S.count_params(S.Tokenizer(S.TokenizerConfig(**preset, dec_attn=True)))
+    assert abs(p1 / 54.5e6 - 1) < 0.03
+    assert abs((p2 - p1) / 3.4e6 - 1) < 0.03
+    assert S.TokenizerConfig(**preset).grid == 16
+
+
+def naive_block_attention(attn, x):
+    """Reference: full attention over all H*W positions per head, masked to the allowed pairs."""
+    B, C, H, W = x.shape
+    nh, P = attn.n_heads, attn.block
+    q, k, v = attn.qkv(attn.norm(x)).reshape(B, 3, nh, C // nh, H * W).transpose(-1, -2).unbind(1)
+    r, c = torch.arange(H).repeat_interleave(W), torch.arange(W).repeat(H)
+    same_block = ((r[:, None] // P == r[None] // P) & (c[:, None] // P == c[None] // P))
+    same_offset = ((r[:, None] % P == r[None] % P) & (c[:, None] % P == c[None] % P))
+    mask = torch.stack([same_block] * (nh // 2) + [same_offset] * (nh - nh // 2))  # (nh, HW, HW)
+    att = (q @ k.transpose(-1, -2)) / (C // nh) ** 0.5
+    att = att.masked_fill(~mask, float("-inf")).softmax(-1)
+    assert torch.allclose(att.sum(-1), torch.ones(()))  # rows are distributions over the keys
+    o = (att @ v).transpose(-1, -2).reshape(B, C, H, W)
+    return x + attn.proj(o)
+
+
+def test_block_attention_equals_masked_reference():
+    """Section 3.3: half the heads attend within P x P blocks, half across blocks at the same offset."""
+    torch.manual_seed(0)
+    attn = S.BlockAttention(32, n_heads=4, block=2)
+    torch.nn.init.normal_(attn.proj.weight)  # the real init is zero, which would hide errors
+    x = torch.randn(2, 32, 8, 4)
+    assert torch.allclose(attn(x), naive_block_attention(attn, x), atol=1e-4)
+
+
+def test_phase2_decoder_starts_as_phase1_decoder():
+    """Zero-initialised projections: loading phase-1 weights into the enhanced decoder changes nothing."""
+    torch.manual_seed(0)
+    cfg = S.TokenizerConfig(channels=16, n_codes=32, code_dim=8, attn_heads=2)
+    t1 = S.Tokenizer(cfg)
+    t2 = S.Tokenizer(S.TokenizerConfig(**{**cfg.__dict__, "dec_attn": True}))
+    missing, unexpected = t2.load_state_dict(t1.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("decoder.attn.") for k in missing)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert torch.allclose(t1(x)[0], t2(x)[0], atol=1e-5)
+
+
+def test_d_step_leaves_generator_grads_untouched():
+    """The discriminator trains on *detached* reconstructions: no gradient reaches the tokenizer."""
+    torch.manual_seed(0)
+    tok = S.Tokenizer(S.TokenizerConfig(channels=16, n_codes=32, code_dim=8))
+    disc = S.Discriminator(32, 8, 32)
+    opt_d = torch.optim.Adam(disc.parameters(), lr=1e-3)
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    x_hat, _, _ = tok(x)
+    before = [p.detach().clone() for p in disc.parameters()]
+    loss, r1 = train_tokenizer.d_step(disc, opt_d, x, x_hat, S.LossConfig(r1_every=1), step=0,
+                                    ctx=S.autocast(torch.device("cpu")))
+    assert all(p.grad is None for p in tok.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, disc.parameters()))
+    assert r1.item() > 0 and torch.isfinite(loss)
+
+
+def test_gan_weight_warms_up():
+    cfg = S.LossConfig(gan_weight=0.1, gan_start=10, gan_warmup=4)
+    assert [S.gan_weight_at(s, cfg) for s in (9, 10, 11, 13, 20)] == pytest.approx([0, 0.025, 0.05, 0.1, 0.1])
+
+
+# -----------------------------------------------------------------------------
+# priors (section 3.2, Table 8)
+
+K, N = 16, 12  # vocabulary and grid of the tiny priors
+
+
+def tiny(causal, n_classes=0, sharp=True, seed=0):
+    """A tiny prior in eval mode. sharp=True re-draws weights large, so outputs depend strongly
+    on the context and a wrong cache / mask / position changes the sampled tokens."""
+    torch.manual_seed(seed)
+    cfg = S.PriorConfig(n_codes=K, grid=N, n_classes=n_classes, n_layer=2, n_head=2, n_embd=32,
+                      dropout=0.0, causal=causal)
+    model = S.Prior(cfg).eval()
+    if sharp:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.dim() > 1:
+                    p.normal_(0.0, 3.0 if name.startswith("head") else 0.3)
+    return model
+
+
+def rand_idx(B, seed=1):
+    return torch.randint(0, K, (B, N), generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------------ attention
+
+@torch.no_grad()
+def test_ar_output_at_i_ignores_later_tokens_and_sees_earlier_ones():
+    """AR: row i scores s_i from s_<i, so changing s_j moves rows > j only."""
+    model, idx = tiny(causal=True), rand_idx(2)
+    base = model(idx)
+    for j in range(N):
+        changed = idx.clone()
+        changed[:, j] = (changed[:, j] + 1) % K
+        out = model(changed)
+        assert torch.allclose(out[:, :j + 1], base[:, :j + 1], atol=1e-5), f"row <= {j} saw token {j}"
+        if j + 1 < N:
+            assert not torch.allclose(out[:, j + 1:], base[:, j + 1:], atol=1e-3), f"rows > {j} ignore token {j}"
+
+
+@torch.no_grad()
+def test_nar_output_at_i_sees_future_tokens():
+    """NAR is bidirectional: changing s_j (j > 0) changes the output at position 0."""
+    model, idx = tiny(causal=False), rand_idx(2)
+    base = model(idx)
+    for j in range(1, N):
+        changed = idx.clone()
+        changed[:, j] = K  # mask a later token
+        assert not torch.allclose(model(changed)[:, 0], base[:, 0], atol=1e-3)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@torch.no_grad()
+def test_attention_equals_explicit_softmax_over_keys_with_rows_summing_to_one(causal):
+    """Reference attention softmax(q k^T / sqrt(hs)) over the *key* axis (dome272's dead class used dim=1)."""
+    model = tiny(causal)
+    attn = model.blocks[0].attn
+    x = torch.randn(3, N + 1, 32)
+    q, k, v = attn.qkv(x).split(32, dim=2)
+    q, k, v = (t.view(3, N + 1, 2, 16).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(16)
+    if causal:
+        scores = scores.masked_fill(torch.ones(N + 1, N + 1).triu(1).bool(), float("-inf"))
+    weights = scores.softmax(dim=-1)
+    assert torch.allclose(weights.sum(-1), torch.ones(3, 2, N + 1), atol=1e-5)
+    assert (weights.triu(1) == 0).all() == causal  # causal: no weight on the future
+    ref = attn.proj((weights @ v).transpose(1, 2).reshape(3, N + 1, 32))
+    assert torch.allclose(attn(x), ref, atol=1e-5)
+
+
+# ---------------------------------------------------------------------- AR sampling
+
+@pytest.mark.parametrize("n_classes", [0, 5])
+def test_cached_and_uncached_ar_sampling_give_identical_tokens(n_classes):
+    model = tiny(causal=True, n_classes=n_classes)
+    y = torch.tensor([0, 1, 2, 3, 4, 0]) if n_classes else None
+    for top_k, top_p in [(0, 1.0), (5, 1.0), (0, 0.9), (5, 0.9)]:
+        a = S.generate_ar(model, 6, y, top_k=top_k, top_p=top_p, generator=torch.Generator().manual_seed(7))
+        b = S.generate_ar(model, 6, y, top_k=top_k, top_p=top_p, generator=torch.Generator().manual_seed(7),
+                        use_cache=False)
+        assert a.shape == (6, N) and a.dtype == torch.long
+        assert torch.equal(a, b)
+        assert ((a >= 0) & (a < K)).all()  # never the special id K
+
+
+def test_cached_ar_sampling_feeds_one_token_per_step():
+    """With the KV cache the body never sees more than the newest position."""
+    model, lengths = tiny(causal=True), []
+    model.blocks[0].register_forward_pre_hook(lambda m, args: lengths.append(args[0].size(1)))
+    S.generate_ar(model, 2, generator=torch.Generator().manual_seed(0))
+    assert lengths == [1] * N
+    lengths.clear()
+    S.generate_ar(model, 2, generator=torch.Generator().manual_seed(0), use_cache=False)
+    assert lengths == list(range(1, N + 1))  # the reference path recomputes the prefix
+
+
+def test_top_k_keeps_exactly_the_k_largest():
+    logits = torch.tensor([[1.0, 4.0, 3.0, -2.0, 2.5]])
+    kept = S.top_k_filter(logits, 3).isfinite()
+    assert kept.tolist() == [[False, True, True, False, True]]
+    assert S.top_k_filter(logits, 0).isfinite().all()
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([[0.15, 0.5, 0.05, 0.3]])
+    logits = probs.log()
+    assert S.top_p_filter(logits, 0.4).isfinite().tolist() == [[False, True, False, False]]
+    assert S.top_p_filter(logits, 0.75).isfinite().tolist() == [[False, True, False, True]]
+    assert S.top_p_filter(logits, 0.85).isfinite().tolist() == [[True, True, False, True]]
+    assert S.top_p_filter(logits, 1.0).isfinite().all()
+    kept = S.top_p_filter(logits, 0.75)
+    assert torch.equal(kept[kept.isfinite()], logits[logits > math.log(0.2)])  # kept logits untouched
+
+
+# ------------------------------------------------------------------------ NAR / MaskGIT
+
+def test_maskgit_schedule_counts_masked_tokens_is_monotone_and_ends_at_zero():
+    s = S.maskgit_schedule(256, 12)
+    assert s[-1] == 0 and len(s) == 12
+    assert all(a > b for a, b in zip([256] + s, s))  # strictly fewer masked after every step
+    assert s[0] == math.floor(256 * math.cos(math.pi / 24))  # 253 still masked: 3 revealed first, not 253
+    assert s == [253, 247, 236, 221, 203, 181, 155, 128, 97, 66, 33, 0]
+    assert S.maskgit_schedule(5, 5) == [4, 3, 2, 1, 0]  # steps == tokens: one per step
+
+
+def test_maskgit_decoding_follows_schedule_and_never_changes_fixed_tokens():
+    model, steps = tiny(causal=False, n_classes=3), 5
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    history = []
+    out = S.generate_maskgit(model, 8, y, steps=steps, generator=torch.Generator().manual_seed(0),
+                           on_step=lambda t, idx: history.append(idx.clone()))
+    assert len(history) == steps and torch.equal(history[-1], out)
+    for t, (grid, n_masked) in enumerate(zip(history, S.maskgit_schedule(N, steps))):
+        assert ((grid == K).sum(1) == n_masked).all(), f"step {t}"
+        for later in history[t + 1:]:
+            fixed = grid != K
+            assert torch.equal(later[fixed], grid[fixed]), f"a token fixed at step {t} changed"
+    assert ((out >= 0) & (out < K)).all()  # fully decoded, mask id K never in the output
+
+
+def test_maskgit_loss_masks_ceil_cos_fraction_and_at_least_one_token():
+    """n_masked = ceil(cos(pi/2 u) N) >= 1, u being the generator's first draw."""
+    model, seen = tiny(causal=False, sharp=False), []
+    model.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    B = 512
+    S.maskgit_loss(model, rand_idx(B), generator=torch.Generator().manual_seed(3))
+    u = torch.rand(B, generator=torch.Generator().manual_seed(3))
+    expected = torch.ceil(torch.cos(math.pi / 2 * u) * N).clamp(min=1).long()
+    counts = (seen[0] == K).sum(1)
+    assert torch.equal(counts, expected) and counts.min() >= 1
+    assert counts.min() == 1 and counts.max() == N  # the sampled ratios span the whole range
+
+
+def test_maskgit_loss_ignores_predictions_at_unmasked_positions():
+    class GarbageWhereVisible(torch.nn.Module):
+        """Wraps a prior and adds huge noise to the logits of every visible (unmasked) token."""
+        def __init__(self, model):
+            super().__init__()
+            self.model, self.cfg = model, model.cfg
+
+        def forward(self, idx, y=None):
+            noise = 1e3 * torch.randn(*idx.shape, K)
+            return self.model(idx, y) + noise * (idx != K)[..., None]
+
+    model, idx = tiny(causal=False, sharp=False), rand_idx(8)
+    loss, acc = S.maskgit_loss(model, idx, generator=torch.Generator().manual_seed(0))
+    loss2, acc2 = S.maskgit_loss(GarbageWhereVisible(model), idx, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(loss, loss2) and torch.allclose(acc, acc2)
+    assert loss.dim() == 0 and acc.dim() == 0 and loss.requires_grad
+
+
+# ---------------------------------------------------------------------- visualization
+
+@torch.no_grad()
+def test_teacher_forced_prediction_is_next_token_argmax_given_the_true_prefix():
+    """Fig. 4: s'_j = argmax p(s_j | true s_<j), for every j, from one pass."""
+    model, idx = tiny(causal=True, n_classes=3), rand_idx(4)
+    y = torch.tensor([0, 1, 2, 1])
+    pred = S.teacher_forced_prediction(model, idx, y)
+    assert pred.shape == (4, N)
+    for j in range(N):
+        assert torch.equal(pred[:, j], model(idx[:, :j], y)[:, -1].argmax(-1))
+
+
+# ------------------------------------------------------------------ size and training
+
+def test_param_count_formula_matches_module_and_table8():
+    for causal, n_classes in [(True, 0), (False, 7)]:
+        model = tiny(causal, n_classes)
+        assert S.num_params(model.cfg) == sum(p.numel() for p in model.parameters())
+    base = S.num_params(S.prior_preset("base", n_codes=1024, grid=256, n_classes=1000, causal=True))
+    large = S.num_params(S.prior_preset("large", n_codes=1024, grid=256, n_classes=1000, causal=False))
+    assert abs(base / 1e6 - 172) < 2 and abs(large / 1e6 - 305) < 3  # Table 8: 172M, 305M
+    assert set(S.PRIOR_PRESETS) == {"classroom", "base", "large"}
+    cfg = model.cfg
+    assert S.estimate_flops_per_token(cfg) == 6 * S.num_params(cfg, embeddings=False) + 12 * 2 * 32 * (N + 1)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_tiny_prior_overfits_a_fixed_batch(causal):
+    """One sample per class, so even a fully masked NAR input is determined by its class."""
+    torch.manual_seed(0)
+    cfg = S.PriorConfig(n_codes=K, grid=N, n_classes=4, n_layer=2, n_head=2, n_embd=32, dropout=0.0, causal=causal)
+    model, idx, y = S.Prior(cfg), rand_idx(4), torch.arange(4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.96), weight_decay=1e-2)
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(60):
+        loss, acc = S.ar_loss(model, idx, y) if causal else S.maskgit_loss(model, idx, y, generator=g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert abs(losses[0] - math.log(K)) < 0.1  # starts near uniform
+    end = sum(losses[-10:]) / 10
+    # NAR's floor is ~0.48, the entropy of the 0.1-smoothed target, and its masks vary per step
+    assert end < (0.1 if causal else 0.5 * math.log(K)), losses
+
+
+# -----------------------------------------------------------------------------
+# the training script end to end
+
+
+def test_phase1_then_phase2_end_to_end(phase1_ckpt, image_folder, tmp_path):
+    """Phase 1 writes a checkpoint and grids; phase 2 trains only the decoder (and its attention):
+    encoder and codebook tensors are bit-identical before and after, the decoder changed."""
+    ck1 = S.load_checkpoint(phase1_ckpt, "tokenizer")
+    assert ck1["phase"] == 1 and ck1["step"] == 4
+    assert os.path.isfile(os.path.join(os.path.dirname(phase1_ckpt), "recon_0000004.png"))
+    out = tmp_path / "phase2"
+    train_tokenizer.main(["--phase", "2", "--init", phase1_ckpt, "--steps", "4", "--out", str(out),
+                          "--attn-heads", "2", "--log-every", "2", "--eval-every", "4"])
+    ck2 = S.load_checkpoint(str(out / "ckpt.pt"), "tokenizer")
+    assert ck2["phase"] == 2 and ck2["model_config"]["dec_attn"] and ck2["loss_config"]["alpha"] == 0
+    assert ck2["train_config"]["data"] == image_folder  # inherited from phase 1
+    for k, v in ck1["model"].items():
+        if k.startswith(("encoder.", "quantizer.")):
+            assert torch.equal(v, ck2["model"][k]), k
+    assert any(not torch.equal(v, ck2["model"][k]) for k, v in ck1["model"].items() if k.startswith("decoder."))
+    tok = S.load_tokenizer(str(out / "ckpt.pt"))
+    assert tok.decode_indices(torch.zeros(1, 8, 8, dtype=torch.long)).shape == (1, 3, 32, 32)
+
+
+def test_resume_continues_step_count(image_folder, tmp_path):
+    """2 steps, then --resume to 4: the step count, the optimizers and the model carry on."""
+    out = str(tmp_path / "run")
+    args = TINY + ["--data", image_folder, "--out", out, "--gan-start", "0"]
+    train_tokenizer.main(args + ["--steps", "2"])
+    first = S.load_checkpoint(os.path.join(out, "ckpt.pt"), "tokenizer")
+    train_tokenizer.main(args + ["--steps", "4", "--resume"])
+    ck = S.load_checkpoint(os.path.join(out, "ckpt.pt"), "tokenizer")
+    assert ck["step"] == 4
+    assert all(s["step"].item() == 4 for s in ck["opt_g"]["state"].values())
+    assert all(s["step"].item() == 4 for s in ck["opt_d"]["state"].values())
+    assert not torch.equal(first["model"]["decoder.conv_out.weight"], ck["model"]["decoder.conv_out.weight"])
+    assert "start step 2" in open(os.path.join(out, "log.txt")).read()
+
+
+# -----------------------------------------------------------------------------
+# bad input: one clear line, non-zero exit, nothing overwritten
+
+
+def test_bad_data_folders(tmp_path):
+    with pytest.raises(S.SeqganError, match="does not exist"):
+        train_tokenizer.main(TINY + ["--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(S.SeqganError, match="holds no images"):
+        train_tokenizer.main(TINY + ["--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
+
+
+def test_bad_flags(image_folder, tmp_path):
+    out = ["--data", image_folder, "--out", str(tmp_path / "o")]
+    with pytest.raises(S.SeqganError, match=r"outside \[0, 1\]"):
+        train_tokenizer.main(TINY + out + ["--alpha", "1.5"])
+    with pytest.raises(S.SeqganError, match="phase 2 needs --init"):
+        train_tokenizer.main(TINY + out + ["--phase", "2"])
+    with pytest.raises(S.SeqganError, match="--init is for phase 2"):
+        train_tokenizer.main(TINY + out + ["--init", "x.pt"])
+    if not torch.cuda.is_available():
+        with pytest.raises(S.SeqganError, match="no CUDA GPU; use --device cpu"):
+            train_tokenizer.main(TINY + out + ["--device", "cuda"])
+    assert not (tmp_path / "o").exists()  # nothing written by a refused run
+
+
+def test_wrong_phase_and_wrong_config_checkpoints(phase1_ckpt, tmp_path):
+    out1 = os.path.dirname(phase1_ckpt)
+    with pytest.raises(S.SeqganError, match="phase-1 checkpoint; resume it with --phase 1"):
+        train_tokenizer.main(["--phase", "2", "--resume", "--out", out1])
+    with pytest.raises(S.SeqganError, match="trained with --channels 16, not 32"):
+        train_tokenizer.main(["--resume", "--out", out1, "--channels", "32"])
+    with pytest.raises(S.SeqganError, match="phase 2 keeps the phase-1 encoder"):
+        train_tokenizer.main(["--phase", "2", "--init", phase1_ckpt, "--code-dim", "4", "--out", str(tmp_path / "p")])
+    torch.save({"kind": "prior"}, tmp_path / "prior.pt")
+    with pytest.raises(S.SeqganError, match="is a prior checkpoint, expected a tokenizer"):
+        train_tokenizer.main(["--phase", "2", "--init", str(tmp_path / "prior.pt"), "--out", str(tmp_path / "p")])
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(S.SeqganError, match="not a readable checkpoint"):
+        S.load_tokenizer(str(tmp_path / "junk.pt"))
+
+
+def test_existing_checkpoint_is_never_overwritten(phase1_ckpt):
+    before = open(phase1_ckpt, "rb").read()
+    with pytest.raises(S.SeqganError, match="exists; pass --resume"):
+        train_tokenizer.main(TINY + ["--out", os.path.dirname(phase1_ckpt)])
+    assert open(phase1_ckpt, "rb").read() == before
+
+
+def test_unreadable_image_is_one_line_and_exit_2(image_folder, tmp_path):
+    """Through a subprocess and a DataLoader worker: stderr holds exactly one line naming the file."""
+    bad = tmp_path / "data" / "cls"
+    bad.mkdir(parents=True)
+    for i in range(4):
+        (bad / f"{i}.png").write_bytes(open(os.path.join(image_folder, "cats", "1.png"), "rb").read())
+    (bad / "broken.png").write_bytes(b"\x89PNG not really")
+    # --num-workers 1: the error crosses a process boundary
+    r = subprocess.run([sys.executable, "train_tokenizer.py", *TINY, "--num-workers", "1", "--data", str(tmp_path / "data"),
+                        "--batch-size", "5", "--out", str(tmp_path / "o")], cwd=HERE, capture_output=True, text=True)
+    lines = [l for l in r.stderr.splitlines() if l.startswith("error")]
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr
+    assert "broken.png" in lines[0] and "delete or replace it" in lines[0]
+    assert not (tmp_path / "o" / "ckpt.pt").exists()
