@@ -309,6 +309,12 @@ class VectorQuantizer(nn.Module):
         return z_q, idx.reshape(B, h, w), terms
 
 
+def count_codes(counts, idx):
+    """counts (K,) += occurrences of each code in idx. index_add_, unlike bincount, never syncs with the host."""
+    flat = idx.flatten()
+    counts.index_add_(0, flat, torch.ones_like(flat))
+
+
 def codebook_usage(counts):
     """Code counts (K,) over a batch or a whole eval pass -> (fraction of codes used, perplexity)."""
     p = counts.float() / counts.sum().clamp_min(1)

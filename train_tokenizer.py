@@ -5,12 +5,13 @@ Train the SeQ-GAN tokenizer. Phase 1 (semantic compression) then phase 2 (detail
   python train_tokenizer.py --phase 2 --init out/tokenizer/ckpt.pt        # phase 2 -> out/tokenizer2
   python train_tokenizer.py --preset paper --data /data/ffhq --out out/ffhq   # 256 px, f=16 (Table 7)
 
-CPU smoke run (a minute, random VGG, real Fashion-MNIST images):
-  python train_tokenizer.py --data fashion-mnist --vgg-weights random --channels 16 --n-codes 64 \
-      --code-dim 16 --steps 40 --batch-size 8 --gan-start 20 --log-every 10 --eval-every 20 --eval-images 64
+CPU smoke run (a minute; random VGG, so only the plumbing is meaningful; real Fashion-MNIST images):
+  python train_tokenizer.py --data fashion-mnist --vgg-weights random --channels 16 --code-dim 16 --n-codes 64
+      --steps 40 --batch-size 8 --gan-start 20 --log-every 10 --eval-every 20 --eval-images 64 --out out/smoke
 """
 
 import argparse
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, replace
@@ -110,7 +111,7 @@ def get_lr(step, tc):
     if tc.phase == 2:
         return tc.lr
     lr_min = min(tc.lr, 5e-5)
-    return lr_min + 0.5 * (tc.lr - lr_min) * (1 + torch.cos(torch.tensor(torch.pi * step / tc.steps)).item())
+    return lr_min + 0.5 * (tc.lr - lr_min) * (1 + math.cos(math.pi * step / tc.steps))
 
 
 def batches(ds, tc, start_step, device):
@@ -126,6 +127,28 @@ def batches(ds, tc, start_step, device):
         epoch += 1
 
 
+def g_step(model, disc, perceptual, opt_g, x, lc, phase, gan_w, ctx):
+    """One generator step: L1 + L_alpha (Eq. 3) + L_vq (Eq. 2, phase 1 only) + gan_w * softplus(-D(x_hat)).
+    Returns x_hat, the indices and the detached terms (loss, l1, perceptual, l_low, l_sem, codebook,
+    commitment, entropy, g_adv) as one tensor, so that logging them costs no host sync."""
+    disc.requires_grad_(False)  # G's loss needs D's input gradient, not its parameter gradients
+    with ctx:
+        x_hat, idx, q = model(x)
+        l1 = (x_hat.float() - x).abs().mean()
+        l_p, p_terms = perceptual(x_hat, x)
+        g_adv = S.g_loss(disc(x_hat)) if gan_w > 0 else torch.zeros((), device=x.device)
+        loss = lc.l1_weight * l1 + lc.perceptual_weight * l_p + gan_w * g_adv
+        if phase == 1:  # phase 2: encoder and codebook are frozen, their terms are only logged
+            loss = loss + q["loss"]
+    opt_g.zero_grad(set_to_none=True)
+    loss.backward()
+    opt_g.step()
+    disc.requires_grad_(True)
+    terms = [loss, l1, l_p, p_terms["l_low"], p_terms["l_sem"], q["codebook_loss"], q["commitment_loss"],
+             q["entropy"], g_adv]
+    return x_hat, idx, torch.stack([t.detach().float() for t in terms])
+
+
 def d_step(disc, opt_d, x, x_hat, lc, step, ctx):
     """One discriminator step on real x and *detached* reconstructions, with lazy R1 every r1_every steps."""
     with ctx:
@@ -137,7 +160,7 @@ def d_step(disc, opt_d, x, x_hat, lc, step, ctx):
     opt_d.zero_grad(set_to_none=True)
     loss.backward()
     opt_d.step()
-    return loss.detach(), r1.detach()
+    return loss.detach().float(), r1.detach().float()
 
 
 @torch.no_grad()
@@ -152,7 +175,7 @@ def evaluate(model, val, tc, mc, device, ctx):
         with ctx:
             x_hat, idx, _ = model(x)
         x_hat = x_hat.float().clamp(-1, 1)
-        counts += torch.bincount(idx.flatten(), minlength=mc.n_codes)
+        S.count_codes(counts, idx)
         total += S.psnr(x_hat, x) * len(x)
         n += len(x)
         first = (x[:8], x_hat[:8]) if first is None else first
@@ -241,30 +264,14 @@ def main(argv=None):
                     group["lr"] = lr
             x = S.to_input(next(data)[0], device, mc.image_size)
 
-            # generator step: L1 + L_alpha (Eq. 3) + L_vq (Eq. 2, phase 1 only) + w_gan * softplus(-D(x_hat))
             gan_w = S.gan_weight_at(step, lc)
-            disc.requires_grad_(False)  # G's loss needs D's input gradient, not its parameter gradients
-            with ctx:
-                x_hat, idx, q = g_model(x)
-                l1 = (x_hat.float() - x).abs().mean()
-                l_p, p_terms = perceptual(x_hat, x)
-                g_adv = S.g_loss(g_disc(x_hat)) if gan_w > 0 else zero
-                loss = lc.l1_weight * l1 + lc.perceptual_weight * l_p + gan_w * g_adv
-                if tc.phase == 1:
-                    loss = loss + q["loss"]
-            opt_g.zero_grad(set_to_none=True)
-            loss.backward()
-            opt_g.step()
-            disc.requires_grad_(True)
-
+            x_hat, idx, terms = g_step(g_model, g_disc, perceptual, opt_g, x, lc, tc.phase, gan_w, ctx)
             d, r1 = zero, zero
             if step >= lc.gan_start:
                 d, r1 = d_step(g_disc, opt_d, x, x_hat, lc, step, ctx)
 
-            terms = [loss, l1, l_p, p_terms["l_low"], p_terms["l_sem"], q["codebook_loss"], q["commitment_loss"],
-                     q["entropy"], g_adv, d, r1]
-            acc += torch.stack([t.detach().float() for t in terms])
-            counts += torch.bincount(idx.flatten(), minlength=mc.n_codes)
+            acc += torch.stack([*terms, d, r1])
+            S.count_codes(counts, idx)
             n_acc += 1
             step += 1
             bar.update(1)
