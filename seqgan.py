@@ -80,6 +80,20 @@ def autocast(device):
     return nullcontext()
 
 
+# Dense bf16 tensor-core peak FLOP/s by GPU name, for MFU (nanoGPT hard-codes the A100's).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
+
+
+def peak_flops(device, override=0.0):
+    """Peak FLOP/s used for MFU: the override if given, else looked up by GPU name; None if unknown."""
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
 def knob(default, help):
     """A config field that carries its --help text."""
     return field(default=default, metadata={"help": help})
