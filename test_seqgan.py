@@ -9,15 +9,21 @@ import math
 import os
 import subprocess
 import sys
+import urllib.error
+from dataclasses import asdict
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import scipy.linalg
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import fid
 import seqgan as S
 import train_tokenizer
+from seqgan import SeqganError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = ["--vgg-weights", "random", "--channels", "16", "--n-codes", "32", "--code-dim", "8",
@@ -185,8 +191,6 @@ def test_perceptual_alpha_mixes_as_eq3(random_vgg):
 
 def test_vgg_weights_offline_is_one_clear_error(monkeypatch, tmp_path):
     """No network: the error names the file and where to put it (no silent random fallback)."""
-    import urllib.error
-
     def offline(*a, **k):
         raise urllib.error.URLError("no network")
 
@@ -496,6 +500,469 @@ def test_tiny_prior_overfits_a_fixed_batch(causal):
     end = sum(losses[-10:]) / 10
     # NAR's floor is ~0.48, the entropy of the 0.1-smoothed target, and its masks vary per step
     assert end < (0.1 if causal else 0.5 * math.log(K)), losses
+
+
+# -----------------------------------------------------------------------------
+# fid.py: FID, Inception Score, reconstruction metrics
+
+# Every BasicConv2d of pytorch-fid's FID Inception (torchvision Inception3 names with FIDInceptionA/C/E_1/E_2
+# at Mixed_5b-d, 6b-e, 7b, 7c; no AuxLogits) and its conv weight shape (out, in, kh, kw). Each entry
+# stands for five keys of pt_inception-2015-12-05-6726825d.pth: NAME.conv.weight (shape) and
+# NAME.bn.{weight,bias,running_mean,running_var} (out,). Plus fc.weight (1008, 2048), fc.bias (1008,).
+# Checked against pytorch-fid's inception.py and torch-fidelity's TF->PyTorch name map.
+PT_INCEPTION_CONVS = {
+    "Conv2d_1a_3x3": (32, 3, 3, 3),
+    "Conv2d_2a_3x3": (32, 32, 3, 3),
+    "Conv2d_2b_3x3": (64, 32, 3, 3),
+    "Conv2d_3b_1x1": (80, 64, 1, 1),
+    "Conv2d_4a_3x3": (192, 80, 3, 3),
+    # Mixed_5b
+    "Mixed_5b.branch1x1": (64, 192, 1, 1),
+    "Mixed_5b.branch5x5_1": (48, 192, 1, 1),
+    "Mixed_5b.branch5x5_2": (64, 48, 5, 5),
+    "Mixed_5b.branch3x3dbl_1": (64, 192, 1, 1),
+    "Mixed_5b.branch3x3dbl_2": (96, 64, 3, 3),
+    "Mixed_5b.branch3x3dbl_3": (96, 96, 3, 3),
+    "Mixed_5b.branch_pool": (32, 192, 1, 1),
+    # Mixed_5c
+    "Mixed_5c.branch1x1": (64, 256, 1, 1),
+    "Mixed_5c.branch5x5_1": (48, 256, 1, 1),
+    "Mixed_5c.branch5x5_2": (64, 48, 5, 5),
+    "Mixed_5c.branch3x3dbl_1": (64, 256, 1, 1),
+    "Mixed_5c.branch3x3dbl_2": (96, 64, 3, 3),
+    "Mixed_5c.branch3x3dbl_3": (96, 96, 3, 3),
+    "Mixed_5c.branch_pool": (64, 256, 1, 1),
+    # Mixed_5d
+    "Mixed_5d.branch1x1": (64, 288, 1, 1),
+    "Mixed_5d.branch5x5_1": (48, 288, 1, 1),
+    "Mixed_5d.branch5x5_2": (64, 48, 5, 5),
+    "Mixed_5d.branch3x3dbl_1": (64, 288, 1, 1),
+    "Mixed_5d.branch3x3dbl_2": (96, 64, 3, 3),
+    "Mixed_5d.branch3x3dbl_3": (96, 96, 3, 3),
+    "Mixed_5d.branch_pool": (64, 288, 1, 1),
+    # Mixed_6a
+    "Mixed_6a.branch3x3": (384, 288, 3, 3),
+    "Mixed_6a.branch3x3dbl_1": (64, 288, 1, 1),
+    "Mixed_6a.branch3x3dbl_2": (96, 64, 3, 3),
+    "Mixed_6a.branch3x3dbl_3": (96, 96, 3, 3),
+    # Mixed_6b
+    "Mixed_6b.branch1x1": (192, 768, 1, 1),
+    "Mixed_6b.branch7x7_1": (128, 768, 1, 1),
+    "Mixed_6b.branch7x7_2": (128, 128, 1, 7),
+    "Mixed_6b.branch7x7_3": (192, 128, 7, 1),
+    "Mixed_6b.branch7x7dbl_1": (128, 768, 1, 1),
+    "Mixed_6b.branch7x7dbl_2": (128, 128, 7, 1),
+    "Mixed_6b.branch7x7dbl_3": (128, 128, 1, 7),
+    "Mixed_6b.branch7x7dbl_4": (128, 128, 7, 1),
+    "Mixed_6b.branch7x7dbl_5": (192, 128, 1, 7),
+    "Mixed_6b.branch_pool": (192, 768, 1, 1),
+    # Mixed_6c
+    "Mixed_6c.branch1x1": (192, 768, 1, 1),
+    "Mixed_6c.branch7x7_1": (160, 768, 1, 1),
+    "Mixed_6c.branch7x7_2": (160, 160, 1, 7),
+    "Mixed_6c.branch7x7_3": (192, 160, 7, 1),
+    "Mixed_6c.branch7x7dbl_1": (160, 768, 1, 1),
+    "Mixed_6c.branch7x7dbl_2": (160, 160, 7, 1),
+    "Mixed_6c.branch7x7dbl_3": (160, 160, 1, 7),
+    "Mixed_6c.branch7x7dbl_4": (160, 160, 7, 1),
+    "Mixed_6c.branch7x7dbl_5": (192, 160, 1, 7),
+    "Mixed_6c.branch_pool": (192, 768, 1, 1),
+    # Mixed_6d
+    "Mixed_6d.branch1x1": (192, 768, 1, 1),
+    "Mixed_6d.branch7x7_1": (160, 768, 1, 1),
+    "Mixed_6d.branch7x7_2": (160, 160, 1, 7),
+    "Mixed_6d.branch7x7_3": (192, 160, 7, 1),
+    "Mixed_6d.branch7x7dbl_1": (160, 768, 1, 1),
+    "Mixed_6d.branch7x7dbl_2": (160, 160, 7, 1),
+    "Mixed_6d.branch7x7dbl_3": (160, 160, 1, 7),
+    "Mixed_6d.branch7x7dbl_4": (160, 160, 7, 1),
+    "Mixed_6d.branch7x7dbl_5": (192, 160, 1, 7),
+    "Mixed_6d.branch_pool": (192, 768, 1, 1),
+    # Mixed_6e
+    "Mixed_6e.branch1x1": (192, 768, 1, 1),
+    "Mixed_6e.branch7x7_1": (192, 768, 1, 1),
+    "Mixed_6e.branch7x7_2": (192, 192, 1, 7),
+    "Mixed_6e.branch7x7_3": (192, 192, 7, 1),
+    "Mixed_6e.branch7x7dbl_1": (192, 768, 1, 1),
+    "Mixed_6e.branch7x7dbl_2": (192, 192, 7, 1),
+    "Mixed_6e.branch7x7dbl_3": (192, 192, 1, 7),
+    "Mixed_6e.branch7x7dbl_4": (192, 192, 7, 1),
+    "Mixed_6e.branch7x7dbl_5": (192, 192, 1, 7),
+    "Mixed_6e.branch_pool": (192, 768, 1, 1),
+    # Mixed_7a
+    "Mixed_7a.branch3x3_1": (192, 768, 1, 1),
+    "Mixed_7a.branch3x3_2": (320, 192, 3, 3),
+    "Mixed_7a.branch7x7x3_1": (192, 768, 1, 1),
+    "Mixed_7a.branch7x7x3_2": (192, 192, 1, 7),
+    "Mixed_7a.branch7x7x3_3": (192, 192, 7, 1),
+    "Mixed_7a.branch7x7x3_4": (192, 192, 3, 3),
+    # Mixed_7b
+    "Mixed_7b.branch1x1": (320, 1280, 1, 1),
+    "Mixed_7b.branch3x3_1": (384, 1280, 1, 1),
+    "Mixed_7b.branch3x3_2a": (384, 384, 1, 3),
+    "Mixed_7b.branch3x3_2b": (384, 384, 3, 1),
+    "Mixed_7b.branch3x3dbl_1": (448, 1280, 1, 1),
+    "Mixed_7b.branch3x3dbl_2": (384, 448, 3, 3),
+    "Mixed_7b.branch3x3dbl_3a": (384, 384, 1, 3),
+    "Mixed_7b.branch3x3dbl_3b": (384, 384, 3, 1),
+    "Mixed_7b.branch_pool": (192, 1280, 1, 1),
+    # Mixed_7c
+    "Mixed_7c.branch1x1": (320, 2048, 1, 1),
+    "Mixed_7c.branch3x3_1": (384, 2048, 1, 1),
+    "Mixed_7c.branch3x3_2a": (384, 384, 1, 3),
+    "Mixed_7c.branch3x3_2b": (384, 384, 3, 1),
+    "Mixed_7c.branch3x3dbl_1": (448, 2048, 1, 1),
+    "Mixed_7c.branch3x3dbl_2": (384, 448, 3, 3),
+    "Mixed_7c.branch3x3dbl_3a": (384, 384, 1, 3),
+    "Mixed_7c.branch3x3dbl_3b": (384, 384, 3, 1),
+    "Mixed_7c.branch_pool": (192, 2048, 1, 1),
+}
+
+
+class TinyFeatures(torch.nn.Module):
+    """Stand-in for the Inception: same input handling (resize to 299), 12-d features, 1008 logits."""
+
+    fingerprint = "tiny_features"
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.randn(12, 1008, generator=torch.Generator().manual_seed(0))
+
+    def forward(self, x):
+        f = F.adaptive_avg_pool2d(fid.resize_299(x), 2).flatten(1)  # (B, 12)
+        return f, 10 * f @ self.proj
+
+
+@pytest.fixture
+def tiny_features(monkeypatch):
+    """Make main() use TinyFeatures instead of loading the Inception weights."""
+    monkeypatch.setattr(fid, "load_inception", lambda weights, device: TinyFeatures())
+
+
+def write_images(folder, n, size=32, seed=0, lo=0, hi=256):
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        pixels = rng.integers(lo, hi, (size, size, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(os.path.join(folder, f"{i:03d}.png"))
+    return str(folder)
+
+
+CPU = ["--device", "cpu", "--num-workers", "0"]
+
+# -----------------------------------------------------------------------------
+# Frechet distance
+
+
+def random_spd(d, rng):
+    a = rng.standard_normal((d, d))
+    return a @ a.T + d * np.eye(d)
+
+
+def test_frechet_distance_with_equal_covariance_is_squared_mean_distance():
+    """Equal sigma: sigma1 + sigma2 - 2 sqrt(sigma^2) = 0, so d^2 = |mu1 - mu2|^2."""
+    rng = np.random.default_rng(0)
+    mu1, mu2, sigma = rng.standard_normal(8), rng.standard_normal(8), random_spd(8, rng)
+    assert fid.frechet_distance(mu1, sigma, mu2, sigma) == pytest.approx(((mu1 - mu2) ** 2).sum(), rel=1e-9)
+
+
+def test_frechet_distance_with_diagonal_covariances_matches_closed_form():
+    """Diagonal s1, s2: d^2 = sum (mu1 - mu2)^2 + sum (s1 + s2 - 2 sqrt(s1 s2))."""
+    rng = np.random.default_rng(1)
+    mu1, mu2, s1, s2 = rng.standard_normal(6), rng.standard_normal(6), rng.uniform(0.1, 3, 6), rng.uniform(0.1, 3, 6)
+    expected = ((mu1 - mu2) ** 2).sum() + (s1 + s2 - 2 * np.sqrt(s1 * s2)).sum()
+    assert fid.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)) == pytest.approx(expected, rel=1e-9)
+
+
+def test_fid_of_a_set_with_itself_is_zero():
+    feats = np.random.default_rng(2).standard_normal((200, 16))
+    stats = fid.compute_stats(feats)
+    assert stats["mu"].dtype == stats["sigma"].dtype == np.float64
+    assert np.allclose(stats["sigma"], np.cov(feats, rowvar=False))
+    assert abs(fid.fid_from_stats(stats, stats)) < 1e-8
+
+
+def test_singular_product_is_retried_with_an_eps_offset(monkeypatch, capsys):
+    """pytorch-fid: a non-finite sqrtm -> add eps * I to both covariances and take sqrtm again."""
+    rng = np.random.default_rng(3)
+    s1, s2, real_sqrtm, calls = random_spd(5, rng), random_spd(5, rng), scipy.linalg.sqrtm, []
+
+    def first_call_fails(a):
+        calls.append(a)
+        return np.full_like(a, np.nan) if len(calls) == 1 else real_sqrtm(a)
+
+    monkeypatch.setattr(scipy.linalg, "sqrtm", first_call_fails)
+    d = fid.frechet_distance(np.zeros(5), s1, np.zeros(5), s2)
+    shifted = (s1 + 1e-6 * np.eye(5)) @ (s2 + 1e-6 * np.eye(5))
+    assert len(calls) == 2 and np.allclose(calls[1], shifted, rtol=0, atol=1e-12)
+    assert d == pytest.approx(np.trace(s1) + np.trace(s2) - 2 * np.trace(real_sqrtm(shifted).real))
+    assert "1e-06 * I" in capsys.readouterr().err
+
+
+def test_complex_sqrtm_is_refused_naming_the_likely_causes(monkeypatch):
+    rng = np.random.default_rng(4)
+    s1, s2, real_sqrtm = random_spd(4, rng), random_spd(4, rng), scipy.linalg.sqrtm
+    monkeypatch.setattr(scipy.linalg, "sqrtm", lambda a: real_sqrtm(a) + 1e-5j * np.eye(4))
+    small = fid.frechet_distance(np.zeros(4), s1, np.zeros(4), s2)  # round-off level: real part is kept
+    assert small == pytest.approx(np.trace(s1) + np.trace(s2) - 2 * np.trace(real_sqrtm(s1 @ s2)))
+    monkeypatch.setattr(scipy.linalg, "sqrtm", lambda a: real_sqrtm(a) + 1e-2j * np.eye(4))
+    with pytest.raises(SeqganError, match="imaginary") as e:
+        fid.frechet_distance(np.zeros(4), s1, np.zeros(4), s2)
+    assert "too few samples" in str(e.value) and "1.11.2-1.12" in str(e.value) and "collapsed" in str(e.value)
+
+
+def test_fewer_samples_than_dimensions_warns(capsys):
+    stats = fid.compute_stats(np.random.default_rng(5).standard_normal((16, 20)))
+    fid.fid_from_stats(stats, stats)
+    assert "16 images, fewer than the 20 feature dimensions" in capsys.readouterr().err
+
+# -----------------------------------------------------------------------------
+# Inception Score
+
+
+def test_inception_score_of_uniform_logits_is_one():
+    assert fid.inception_score(np.zeros((100, 1008))) == pytest.approx((1.0, 0.0), abs=1e-9)
+
+
+def test_inception_score_of_confident_evenly_spread_logits_is_the_number_of_classes():
+    """Each split holds 20 images, one per class, each image sure of its class: IS = 20."""
+    logits = 100.0 * np.eye(1008)[np.arange(200) % 20]
+    mean, std = fid.inception_score(logits)
+    assert mean == pytest.approx(20, rel=1e-6) and std == pytest.approx(0, abs=1e-6)
+
+
+def test_inception_score_needs_as_many_images_as_splits():
+    with pytest.raises(SeqganError, match="at least 10 images"):
+        fid.inception_score(np.zeros((9, 1008)))
+
+# -----------------------------------------------------------------------------
+# the network
+
+
+def test_state_dict_matches_the_pt_inception_layout():
+    expected = {"fc.weight": (1008, 2048), "fc.bias": (1008,)}
+    for name, shape in PT_INCEPTION_CONVS.items():
+        expected[f"{name}.conv.weight"] = shape
+        expected.update({f"{name}.bn.{p}": shape[:1] for p in ("weight", "bias", "running_mean", "running_var")})
+    model = fid.InceptionFID()
+    got = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert got == expected
+    assert all(m.eps == 1e-3 for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))  # TF's epsilon
+
+
+def test_pt_inception_state_dict_loads_strictly(tmp_path):
+    """A plain dict with exactly the pt_inception keys (no num_batches_tracked) loads; a missing key does not."""
+    sd = {k: torch.zeros(v.shape) for k, v in fid.InceptionFID().state_dict().items()
+          if not k.endswith("num_batches_tracked")}
+    sd["Mixed_7c.branch_pool.conv.weight"] = torch.rand(192, 2048, 1, 1)
+    torch.save(sd, tmp_path / "w.pth")
+    model = fid.load_inception(str(tmp_path / "w.pth"), "cpu")
+    assert torch.equal(model.Mixed_7c.branch_pool.conv.weight, sd["Mixed_7c.branch_pool.conv.weight"])
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    torch.save({"fc.weight": torch.zeros(1008, 2048)}, tmp_path / "w.pth")
+    with pytest.raises(SeqganError, match="not pytorch-fid's .*Missing key"):
+        fid.load_inception(str(tmp_path / "w.pth"), "cpu")
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(SeqganError, match="junk.pth is not pytorch-fid's"):
+        fid.load_inception(str(tmp_path / "junk.pth"), "cpu")
+
+
+def test_failed_download_says_which_file_to_put_where(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(SeqganError) as e:
+        fid.load_inception(None, "cpu")
+    msg = str(e.value)
+    assert "\n" not in msg and os.path.join(str(tmp_path), "checkpoints", fid.WEIGHTS_FILE) in msg
+    assert "--inception-weights PATH" in msg and fid.WEIGHTS_URL in msg
+
+
+def test_preprocessing_is_bilinear_without_antialias_and_tf_average_pool():
+    """2x downscale with bilinear, align_corners=False and no antialias averages each 2x2 block;
+    TF's average pool leaves the zero padding out, so a constant image stays constant at the border."""
+    x = torch.rand(1, 3, 598, 598)
+    assert torch.allclose(fid.resize_299(x), F.avg_pool2d(x, 2), atol=1e-6)
+    assert torch.allclose(fid.tf_avg_pool(torch.ones(1, 1, 5, 5)), torch.ones(1, 1, 5, 5))
+
+
+@pytest.mark.parametrize("block, channels, pool", [("Mixed_5b", 192, "tf_avg"), ("Mixed_5d", 288, "tf_avg"),
+                                                   ("Mixed_6e", 768, "tf_avg"), ("Mixed_7b", 1280, "tf_avg"),
+                                                   ("Mixed_7c", 2048, "max")])
+def test_pool_branches_pool_as_the_tf_graph(block, channels, pool):
+    """The pool branch (last in the concatenation) averages without the padding, except Mixed_7c's: max."""
+    blk = getattr(fid.InceptionFID(), block).eval()
+    x = torch.randn(1, channels, 5, 5)
+    pooled = F.max_pool2d(x, 3, stride=1, padding=1) if pool == "max" else fid.tf_avg_pool(x)
+    with torch.no_grad():
+        out, ref = blk(x), blk.branch_pool(pooled)
+    assert torch.allclose(out[:, -ref.shape[1]:], ref, atol=1e-6)
+
+
+def test_network_scales_input_to_plus_minus_one_and_drops_the_fc_bias_for_is_logits():
+    """[0, 1] -> 299 px -> 2x - 1 before the first conv; IS logits = pool3 @ fc.weight.T, as openai/improved-gan."""
+    model, seen = fid.load_inception("random", "cpu"), []
+    model.fc.bias.fill_(5.0)
+    model.Conv2d_1a_3x3.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    with torch.no_grad():
+        feats, logits = model(torch.full((1, 3, 32, 32), 0.25))
+    assert seen[0].shape == (1, 3, 299, 299) and torch.allclose(seen[0], torch.tensor(-0.5))
+    assert feats.shape == (1, 2048) and logits.shape == (1, 1008)
+    assert torch.allclose(logits, feats @ model.fc.weight.T)
+
+
+def test_random_inception_via_cli_gives_2048_d_stats_and_a_loud_warning(tmp_path, capsys):
+    folder = write_images(tmp_path / "imgs", 2)
+    out = tmp_path / "s.npz"
+    assert fid.main([folder, "--save-stats", str(out), "--inception-weights", "random", *CPU])["n"] == 2
+    with np.load(out) as f:
+        assert f["mu"].shape == (2048,) and f["sigma"].shape == (2048, 2048) and int(f["n"]) == 2
+        assert f["mu"].std() > 1e-3  # random features still vary, so tests with them can detect something
+        assert str(f["fingerprint"]).startswith("random-seed0")
+    err = capsys.readouterr().err
+    assert "RANDOM weights" in err and "MEANINGLESS" in err
+
+
+def test_features_are_computed_in_fp32_without_tf32():
+    seen = []
+
+    class Spy(TinyFeatures):
+        def forward(self, x):
+            seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+                         torch.is_autocast_enabled("cpu"), x.dtype))
+            return super().forward(x)
+
+    before = torch.backends.cudnn.allow_tf32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fid.compute_features(Spy(), [torch.rand(2, 3, 8, 8)], "cpu")
+    assert seen == [(False, False, False, torch.float32)]
+    assert torch.backends.cudnn.allow_tf32 == before  # restored afterwards
+
+# -----------------------------------------------------------------------------
+# folders, statistics files and the command line
+
+
+def test_mixed_sizes_and_grey_images_match_one_at_a_time(tmp_path):
+    """A batch of mixed sizes is resized in the worker with the same op; grey images become RGB."""
+    folder = write_images(tmp_path / "imgs", 2, size=32)
+    grey = np.random.default_rng(6).integers(0, 256, (40, 50), dtype=np.uint8)
+    Image.fromarray(grey, "L").save(tmp_path / "imgs" / "grey.png")
+    paths, model = S.list_images(folder), TinyFeatures()
+    together, _ = fid.compute_features(model, paths, "cpu", batch_size=3, num_workers=0)
+    alone, _ = fid.compute_features(model, paths, "cpu", batch_size=1, num_workers=0)
+    assert together.shape == (3, 12) and np.allclose(together, alone, atol=1e-6)
+
+
+def test_cli_fid_folder_vs_stats_file_equals_folder_vs_folder(tmp_path, tiny_features, capsys):
+    a = write_images(tmp_path / "a", 16, seed=0)
+    b = write_images(tmp_path / "b", 16, seed=1, hi=128)
+    direct = fid.main([a, b, *CPU])
+    assert fid.main([a, "--save-stats", str(tmp_path / "a.npz"), *CPU])["n"] == 16
+    via_stats = fid.main([str(tmp_path / "a.npz"), b, *CPU])
+    assert direct["fid"] > 1e-3 and via_stats == direct
+    assert fid.main([a, a, *CPU])["fid"] == pytest.approx(0, abs=1e-8)
+    assert f"FID {direct['fid']:.4f}  (N=16 {a}, N=16 {b})" in capsys.readouterr().out
+
+
+def test_cli_inception_score_matches_the_function(tmp_path, tiny_features):
+    folder = write_images(tmp_path / "imgs", 20)
+    _, logits = fid.compute_features(TinyFeatures(), S.list_images(folder), "cpu", num_workers=0)
+    assert fid.main([folder, "--is", *CPU])["is"] == fid.inception_score(logits)
+
+
+def test_non_image_files_are_skipped(tmp_path, tiny_features):
+    folder = write_images(tmp_path / "imgs", 4)
+    (tmp_path / "imgs" / "notes.txt").write_text("not an image")
+    assert fid.main([folder, "--save-stats", str(tmp_path / "s.npz"), *CPU])["n"] == 4
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["MISSING", "OTHER"], "MISSING does not exist"),
+    (["EMPTY", "OTHER"], "holds no images"),
+    (["ONE", "OTHER"], "at least 2 images"),
+    (["NOMU.npz", "OTHER"], "no 'mu' and 'sigma'"),
+    (["DIM5.npz", "OTHER"], "different dimension"),
+    (["BADSHAPE.npz", "OTHER"], r"are not \(D,\) and \(D, D\)"),
+    (["FOREIGN.npz", "OTHER"], "different Inception weights"),
+    (["OTHER"], "use: fid.py"),
+    (["OTHER.npz", "--is"], "need an image folder"),
+    (["--recon", "CKPT"], "use: fid.py"),
+])
+def test_bad_inputs_raise_one_line_errors(tmp_path, tiny_features, argv, match):
+    write_images(tmp_path / "OTHER", 4)
+    os.makedirs(tmp_path / "EMPTY")
+    (tmp_path / "EMPTY" / "readme.txt").write_text("no images here")
+    write_images(tmp_path / "ONE", 1)
+    np.savez(tmp_path / "NOMU.npz", mean=np.zeros(12))
+    np.savez(tmp_path / "DIM5.npz", mu=np.zeros(5), sigma=np.eye(5), n=10)
+    np.savez(tmp_path / "BADSHAPE.npz", mu=np.zeros(12), sigma=np.eye(5), n=10)
+    np.savez(tmp_path / "FOREIGN.npz", mu=np.zeros(12), sigma=np.eye(12), n=10, fingerprint="random-seed0 x")
+    with pytest.raises(SeqganError, match=match) as e:
+        fid.main([str(tmp_path / a) if a.isupper() or a.endswith(".npz") else a for a in argv] + CPU)
+    assert "\n" not in str(e.value)
+
+
+def test_corrupt_image_names_the_file_in_one_line_even_from_a_worker(tmp_path, tiny_features, monkeypatch, capsys):
+    folder = write_images(tmp_path / "imgs", 3)
+    (tmp_path / "imgs" / "bad.png").write_bytes(b"this is not a png")
+    with pytest.raises(SeqganError, match="cannot read image .*bad.png"):
+        fid.main([folder, "--save-stats", str(tmp_path / "s.npz"), *CPU])
+    monkeypatch.setattr(sys, "argv", ["fid.py", folder, "--is", "--device", "cpu", "--num-workers", "2"])
+    with pytest.raises(SystemExit) as e:
+        S.cli(fid.main)
+    err = capsys.readouterr().err  # besides the progress bar: one error line, no worker traceback
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert e.value.code == 2 and "Traceback" not in err and len(errors) == 1
+    assert errors[0].startswith("error: cannot read image") and "bad.png" in errors[0]
+
+
+def test_cli_missing_folder_prints_one_line_and_fails(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(HERE, "fid.py"), str(tmp_path / "missing_dir"),
+                        str(tmp_path / "other_dir")], capture_output=True, text=True, cwd=HERE)
+    assert r.returncode != 0 and r.stdout == ""
+    assert len(r.stderr.strip().splitlines()) == 1 and "missing_dir does not exist" in r.stderr
+
+# -----------------------------------------------------------------------------
+# reconstruction metrics
+
+
+class ShiftTokenizer:
+    """Fake tokenizer: reconstruction = input + 0.1 (in [-1, 1]); codes = the first `used` of 16 in turn."""
+
+    def __init__(self, used):
+        self.cfg, self.used = SimpleNamespace(n_codes=16, image_size=16), used
+
+    def __call__(self, x):
+        idx = (torch.arange(len(x) * 4) % self.used).reshape(len(x), 2, 2)
+        return x + 0.1, idx, {}
+
+
+def test_recon_metrics_psnr_and_codebook_usage(tmp_path, capsys):
+    """+0.1 in [-1, 1] is +0.05 in [0, 1]: mse 0.0025, PSNR 10 log10(400) = 26.02 dB. 4 of 16 codes,
+    equally often: usage 0.25, perplexity 4."""
+    folder = write_images(tmp_path / "imgs", 8, size=16, hi=200)  # +0.05 never clips at 1
+    r = fid.recon_metrics(ShiftTokenizer(used=4), folder, TinyFeatures(), "cpu", num_workers=0)
+    assert r["psnr"] == pytest.approx(10 * np.log10(400), abs=1e-3)
+    assert (r["codes_used"], r["usage"], r["n"]) == (4, 0.25, 8) and r["perplexity"] == pytest.approx(4, rel=1e-5)
+    assert r["rfid"] > 1e-4  # brighter reconstructions: a different distribution
+    assert "codes used" not in capsys.readouterr().err
+    fid.recon_metrics(ShiftTokenizer(used=1), folder, TinyFeatures(), "cpu", num_workers=0)
+    assert "only 1/16 codes used; raise the entropy weight" in capsys.readouterr().err
+
+
+def test_cli_recon_runs_a_real_tokenizer_checkpoint(tmp_path, tiny_features, capsys):
+    cfg = S.TokenizerConfig(image_size=16, channels=32, ch_mult=(1, 2), n_res=1, n_res_lowest=1, n_codes=16, code_dim=8)
+    ckpt = dict(kind="tokenizer", model_config=asdict(cfg), model=S.Tokenizer(cfg).state_dict())
+    S.save_checkpoint(str(tmp_path / "tok.pt"), ckpt)
+    folder = write_images(tmp_path / "val", 6, size=24)
+    r = fid.main(["--recon", str(tmp_path / "tok.pt"), "--images", folder, *CPU])
+    assert r["n"] == 6 and 1 <= r["codes_used"] <= 16 and np.isfinite([r["rfid"], r["psnr"], r["perplexity"]]).all()
+    assert "rFID" in capsys.readouterr().out
+    (tmp_path / "bad.pt").write_bytes(b"garbage")
+    with pytest.raises(SeqganError, match="not a readable checkpoint"):
+        fid.main(["--recon", str(tmp_path / "bad.pt"), "--images", folder, *CPU])
 
 
 # -----------------------------------------------------------------------------
