@@ -130,6 +130,18 @@ def config_from_args(cls, args, defaults=None):
 # configs
 
 
+# The three tokenizer objectives as default overrides (flags given on the command line win).
+OBJECTIVES = {
+    "seqgan": dict(),  # this paper: alpha = 1 then a phase-2 decoder with alpha = 0
+    # Reg-VQ (Zhang et al., CVPR 2023) on a VQGAN-like base (alpha = 0): the prior regularisation is
+    # the same KL(P || uniform) line as SeQ-GAN's entropy term; plus stochastic mask m = 0.4 and PCL.
+    "regvq": dict(alpha=0.0, mask_ratio=0.4, pcl_weight=0.1),
+    # VQ-KD (Wang et al., NeurIPS 2024): phase 1 reconstructs a frozen network's features (VGG16
+    # relu5_3 here) with a cosine codebook; phase 2 trains a pixel decoder as SeQ-GAN's phase 2.
+    "vqkd": dict(cosine_codebook=True),
+}
+
+
 @dataclass
 class TokenizerConfig:
     """Shape of the VQ tokenizer; the defaults are the 32 px classroom model, see PRESETS."""
@@ -142,12 +154,22 @@ class TokenizerConfig:
     code_dim: int = knob(256, "codebook vector dimension")
     beta: float = knob(0.25, "commitment weight beta of Eq. 2")
     entropy_weight: float = knob(0.01, "weight gamma of the codebook-entropy term (section 3.4)")
-    entropy_temp: float = knob(1.0, "temperature of softmax(-distance / t) in the entropy term (1 = paper)")
+    entropy_temp: float = knob(1.0, "tau of the soft assignment softmax(-distance / tau): entropy term, "
+                                    "Reg-VQ prior and stochastic mask (1 = paper)")
+    objective: str = knob("seqgan", "seqgan, regvq (Zhang et al. 2023) or vqkd (Wang et al. 2024); see README")
+    mask_ratio: float = knob(0.0, "Reg-VQ stochastic mask: fraction m of positions quantized by sampling "
+                                  "(regvq default 0.4)")
+    cosine_codebook: bool = knob(False, "l2-normalised codebook, cosine lookup (vqkd default on)")
+    feature_dim: int = knob(0, "VQ-KD phase 1: decode to this many teacher channels instead of pixels (0 = pixels)")
     dec_attn: bool = knob(False, "decoder with block-regional + dilated attention (phase 2 turns it on)")
     attn_heads: int = knob(8, "attention heads in the phase-2 decoder (even: half regional, half dilated)")
     attn_block: int = knob(4, "block size P of the phase-2 attention")
 
     def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise SeqganError(f"unknown --objective {self.objective}; choose from {', '.join(OBJECTIVES)}")
+        if not 0 <= self.mask_ratio <= 1:
+            raise SeqganError(f"--mask-ratio {self.mask_ratio} is outside [0, 1]")
         f = 2 ** (len(self.ch_mult) - 1)
         if self.image_size % f:
             raise SeqganError(f"--image-size {self.image_size} is not divisible by the downsampling factor {f}")
@@ -174,6 +196,9 @@ class LossConfig:
     r1_every: int = knob(16, "lazy R1: penalise every N discriminator steps")
     disc_channels: int = knob(64, "discriminator base channels (doubling per block)")
     disc_max_channels: int = knob(512, "discriminator channel cap")
+    pcl_weight: float = knob(0.0, "Reg-VQ probabilistic contrastive loss weight (regvq default 0.1; ours)")
+    pcl_temp: float = knob(0.1, "temperature of the PCL InfoNCE (ours; the paper's is not reproduced here)")
+    teacher_layer: str = knob("relu5_3", "VQ-KD teacher: the VGG16 tap whose map phase 1 reconstructs")
 
 
 # Named presets are just field overrides; flags given on the command line win.
@@ -278,48 +303,79 @@ class VectorQuantizer(nn.Module):
     forward(z_e) returns z_q (straight-through), the code indices and a dict of loss terms:
       codebook_loss   |sg[z_e] - z_q|^2       moves the codes toward the encoder outputs
       commitment_loss |z_e - sg[z_q]|^2       keeps the encoder close to its code; scaled by beta
-      entropy         H(mean_n softmax(-D_n / t)), the soft usage of the batch (logged)
-      loss            codebook + beta * commitment - gamma * entropy
+      entropy         H(P), P = mean_n softmax(-D_n / tau), the soft usage of the batch
+      kl_uniform      KL(P || uniform) = log K - H(P)
+      loss            codebook + beta * commitment + gamma * kl_uniform
+      sample_dist     |e_sampled - e_nearest|^2 per position (Reg-VQ's PCL weights; 0 without sampling)
+    Two switches for the related objectives (both off for SeQ-GAN):
+      mask_ratio m    Reg-VQ's stochastic mask: in training, a random fraction m of positions takes a
+                      code *sampled* from softmax(-D / tau) instead of the nearest one
+      cosine          VQ-KD's l2-normalised codebook: nearest code by cosine similarity
     Runs in fp32 even under autocast: distances of 256-d vectors lose the argmin in bf16."""
 
-    def __init__(self, n_codes, code_dim, beta, entropy_weight, entropy_temp):
+    def __init__(self, cfg):
         super().__init__()
-        self.n_codes, self.beta = n_codes, beta
-        self.entropy_weight, self.entropy_temp = entropy_weight, entropy_temp
-        self.codebook = nn.Embedding(n_codes, code_dim)
-        nn.init.uniform_(self.codebook.weight, -1.0 / n_codes, 1.0 / n_codes)
+        self.n_codes, self.beta, self.tau = cfg.n_codes, cfg.beta, cfg.entropy_temp
+        self.entropy_weight, self.mask_ratio, self.cosine = cfg.entropy_weight, cfg.mask_ratio, cfg.cosine_codebook
+        self.codebook = nn.Embedding(cfg.n_codes, cfg.code_dim)
+        nn.init.uniform_(self.codebook.weight, -1.0 / cfg.n_codes, 1.0 / cfg.n_codes)
+
+    def codes(self):
+        """The codebook (K, D) in fp32, l2-normalised when cosine."""
+        e = self.codebook.weight.float()
+        return F.normalize(e, dim=1) if self.cosine else e
 
     def distances(self, z):
-        """Squared Euclidean distances (N, D) x (K, D) -> (N, K)."""
-        e = self.codebook.weight.float()
+        """Squared Euclidean distances (N, D) x (K, D) -> (N, K); for unit vectors 2 - 2 cos."""
+        e = self.codes()
+        if self.cosine:
+            z = F.normalize(z, dim=1)
         return z.pow(2).sum(1, keepdim=True) - 2 * z @ e.t() + e.pow(2).sum(1)
 
     def lookup(self, idx):
         """Indices (B, h, w) -> code vectors (B, D, h, w)."""
-        return self.codebook(idx).permute(0, 3, 1, 2)
+        return F.embedding(idx, self.codes()).permute(0, 3, 1, 2)
 
     def forward(self, z_e):
         B, D, h, w = z_e.shape
         with torch.autocast(z_e.device.type, enabled=False):
             z = z_e.float().permute(0, 2, 3, 1).reshape(-1, D)  # (N, D), N = B*h*w
+            z = F.normalize(z, dim=1) if self.cosine else z
+            e = self.codes()  # (K, D)
             d = self.distances(z)  # (N, K)
             idx = d.argmin(1)  # Eq. 1: k* = argmin_k |z_e - e_k|
-            z_q = self.codebook(idx).float()  # (N, D)
+            z_q = e[idx]  # (N, D)
             # Eq. 2: |sg[E(x)] - z_q|^2 + beta |sg[z_q] - E(x)|^2. beta scales the *commitment*
             # term (the encoder's), not the codebook term as in taming's legacy quantizer.
             codebook_loss = F.mse_loss(z_q, z.detach())
             commitment_loss = F.mse_loss(z, z_q.detach())
-            # Section 3.4: soft assignment softmax(-D) per position, averaged over the batch
-            # (D_bar), and its entropy H(D_bar). The paper writes "+gamma H(D_bar)", but the goal
-            # is *spread* usage, so the loss must raise H: we add -gamma * H (= gamma *
-            # KL(D_bar || uniform) - gamma log K). Hence the total loss can be negative.
-            p_mean = F.softmax(-d / self.entropy_temp, dim=1).mean(0)  # (K,)
+            # Section 3.4: soft assignment softmax(-D / tau) per position, averaged over the batch
+            # (D_bar, Reg-VQ's P_post), and its entropy H. The paper writes "+gamma H(D_bar)", but the
+            # goal is *spread* usage, so the loss must raise H. We add gamma * KL(D_bar || uniform)
+            # = gamma * (log K - H): the same gradient as -gamma H, and never negative. This one line
+            # is also Reg-VQ's prior distribution regularisation (a uniform prior).
+            logits = -d / self.tau  # (N, K)
+            p_mean = F.softmax(logits, dim=1).mean(0)  # (K,)
             entropy = -(p_mean * torch.log(p_mean.clamp_min(1e-12))).sum()
-            loss = codebook_loss + self.beta * commitment_loss - self.entropy_weight * entropy
+            kl_uniform = math.log(self.n_codes) - entropy
+            loss = codebook_loss + self.beta * commitment_loss + self.entropy_weight * kl_uniform
             # Straight-through: the forward value is z_q, the backward pass copies the gradient to z_e.
-            z_q = z + (z_q - z).detach()
-        z_q = z_q.reshape(B, h, w, D).permute(0, 3, 1, 2).to(z_e.dtype)
-        terms = dict(loss=loss, codebook_loss=codebook_loss, commitment_loss=commitment_loss, entropy=entropy)
+            z_st = z + (z_q - z).detach()
+            sample_dist = torch.zeros_like(d[:, 0])
+            if self.training and self.mask_ratio > 0:
+                # Reg-VQ stochastic mask: the chosen positions draw k ~ softmax(-D / tau) by Gumbel-max;
+                # the gradient flows through the Gumbel-softmax relaxation (straight-through one-hot).
+                chosen = torch.rand(len(z), device=z.device) < self.mask_ratio  # (N,)
+                gumbel = -torch.log(-torch.log(torch.rand_like(logits).clamp_min(1e-20)))  # rand < 1: finite
+                soft = F.softmax(logits + gumbel, dim=1)  # (N, K)
+                k = (logits + gumbel).argmax(1)
+                one_hot = F.one_hot(k, self.n_codes).float() - soft.detach() + soft
+                z_st = torch.where(chosen[:, None], one_hot @ e, z_st)
+                sample_dist = torch.where(chosen, (e[k] - z_q).pow(2).sum(1).detach(), sample_dist)
+                idx = torch.where(chosen, k, idx)
+        z_q = z_st.reshape(B, h, w, D).permute(0, 3, 1, 2).to(z_e.dtype)
+        terms = dict(loss=loss, codebook_loss=codebook_loss, commitment_loss=commitment_loss, entropy=entropy,
+                     kl_uniform=kl_uniform, sample_dist=sample_dist.reshape(B, h, w))
         return z_q, idx.reshape(B, h, w), terms
 
 
@@ -404,18 +460,36 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
+class FeatureDecoder(nn.Module):
+    """VQ-KD phase 1: code vectors (B, D, h, w) -> teacher features (B, feature_dim, h, w) on the token
+    grid. A few ResBlocks at the lowest width; it is dropped when phase 2 builds the pixel decoder."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        c = cfg.channels * cfg.ch_mult[-1]
+        self.conv_in = nn.Conv2d(cfg.code_dim, c, 3, padding=1)
+        self.blocks = nn.Sequential(*[ResBlock(c, c) for _ in range(cfg.n_res)])
+        self.norm_out = Normalize(c)
+        self.conv_out = nn.Conv2d(c, cfg.feature_dim, 1)
+
+    def forward(self, z_q):
+        return self.conv_out(F.silu(self.norm_out(self.blocks(self.conv_in(z_q)))))
+
+
 class Tokenizer(nn.Module):
-    """Encoder -> VectorQuantizer -> Decoder. Images are (B, 3, H, W) in [-1, 1]."""
+    """Encoder -> VectorQuantizer -> Decoder. Images are (B, 3, H, W) in [-1, 1]. In VQ-KD phase 1
+    (cfg.feature_dim > 0) the decoder is a FeatureDecoder and there is no pixel decoder at all."""
 
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
         self.encoder = Encoder(cfg)
-        self.quantizer = VectorQuantizer(cfg.n_codes, cfg.code_dim, cfg.beta, cfg.entropy_weight, cfg.entropy_temp)
-        self.decoder = Decoder(cfg)
+        self.quantizer = VectorQuantizer(cfg)
+        self.decoder = FeatureDecoder(cfg) if cfg.feature_dim else Decoder(cfg)
 
     def forward(self, x):
-        """x (B, 3, H, W) -> reconstruction (B, 3, H, W), indices (B, h, w), quantizer loss terms."""
+        """x (B, 3, H, W) -> reconstruction (B, 3, H, W) (VQ-KD phase 1: features), indices (B, h, w),
+        quantizer loss terms."""
         z_q, idx, terms = self.quantizer(self.encoder(x))
         return self.decoder(z_q), idx, terms
 
@@ -424,7 +498,7 @@ class Tokenizer(nn.Module):
         """Images -> code indices (B, h, w); deterministic (used for priors and evaluation)."""
         z_e = self.encoder(x).float()
         B, D, h, w = z_e.shape
-        d = self.quantizer.distances(z_e.permute(0, 2, 3, 1).reshape(-1, D))
+        d = self.quantizer.distances(z_e.permute(0, 2, 3, 1).reshape(-1, D))  # never sampled: deterministic
         return d.argmin(1).reshape(B, h, w)
 
     def decode_indices(self, idx):
@@ -440,6 +514,7 @@ def count_params(module):
 # perceptual loss (Eq. 3)
 
 VGG_TAPS = {3: "relu1_2", 8: "relu2_2", 15: "relu3_3", 22: "relu4_3", 29: "relu5_3"}  # torchvision vgg16().features
+VGG_CHANNELS = {"relu1_2": 64, "relu2_2": 128, "relu3_3": 256, "relu4_3": 512, "relu5_3": 512}
 LOW_LAYERS = ("relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3")
 SEM_LAYERS = ("relu5_3", "logits")
 
@@ -498,7 +573,8 @@ class PerceptualLoss(nn.Module):
         return out
 
     def forward(self, x_hat, x):
-        """-> (L_alpha, {'l_low', 'l_sem'}); the unused term is 0 at alpha = 0 or 1."""
+        """-> (L_alpha, {'l_low', 'l_sem', 'features'}); the unused term is 0 at alpha = 0 or 1;
+        'features' = (taps of x_hat, taps of x), reused by Reg-VQ's contrastive loss."""
         sem = self.alpha > 0
         f_hat = self.features(x_hat, logits=sem)
         with torch.no_grad():
@@ -507,7 +583,33 @@ class PerceptualLoss(nn.Module):
         zero = x_hat.new_zeros((), dtype=torch.float32)
         l_low = sum(mse[k] for k in LOW_LAYERS) if self.alpha < 1 else zero
         l_sem = sum(mse[k] for k in SEM_LAYERS) if sem else zero
-        return self.alpha * l_sem + (1 - self.alpha) * l_low, dict(l_low=l_low, l_sem=l_sem)
+        return self.alpha * l_sem + (1 - self.alpha) * l_low, dict(l_low=l_low, l_sem=l_sem, features=(f_hat, f))
+
+
+def pcl_loss(f_hat, f, sample_dist, temp):
+    """Reg-VQ's probabilistic contrastive loss, patch-wise InfoNCE between features of the reconstruction
+    (queries) and of the input (keys), pooled to the token grid: position i of x_hat should match
+    position i of x (positive) rather than any other position j of the same image (negatives).
+    Each positive term is weighted by w = (1 + |e_sampled - e_nearest|^2 / mean) / 2 (mean weight 1), so
+    positions whose code was sampled far from the nearest one are pulled harder; without sampling
+    every weight is 1 and this is the plain contrastive loss (CL) of the ablation.
+    The negative term (log-sum-exp over positions) is averaged over positions."""
+    B, h, w = sample_dist.shape
+    q = F.normalize(F.adaptive_avg_pool2d(f_hat.float(), (h, w)).flatten(2), dim=1)  # (B, C, n)
+    k = F.normalize(F.adaptive_avg_pool2d(f.float(), (h, w)).flatten(2), dim=1)  # (B, C, n)
+    logits = q.transpose(1, 2) @ k / temp  # (B, n, n): query i against key j
+    d = sample_dist.flatten(1).float()  # (B, n)
+    weight = torch.where(d.mean() > 0, (1 + d / d.mean().clamp_min(1e-12)) / 2, torch.ones_like(d))
+    positive = logits.diagonal(dim1=1, dim2=2)  # (B, n)
+    return (torch.logsumexp(logits, dim=2) - weight * positive).mean()
+
+
+def feature_kd_loss(f_pred, teacher):
+    """VQ-KD phase 1: 1 - cos(predicted, teacher feature) per token position, averaged. The teacher map
+    (B, C, H, W) is resized to the token grid of f_pred (B, C, h, w)."""
+    t = F.interpolate(teacher.float(), size=f_pred.shape[-2:], mode="bilinear", align_corners=False,
+                      antialias=teacher.shape[-1] > f_pred.shape[-1])
+    return (1 - F.cosine_similarity(f_pred.float(), t, dim=1)).mean()
 
 
 # -----------------------------------------------------------------------------
@@ -1047,6 +1149,9 @@ def tokenizer_from_checkpoint(ckpt):
 
 
 def load_tokenizer(path, device="cpu"):
-    """A trained tokenizer, frozen and in eval mode, for priors, sampling and evaluation."""
+    """A trained tokenizer with a pixel decoder, frozen and in eval mode, for priors, sampling, evaluation."""
     tok = tokenizer_from_checkpoint(load_checkpoint(path, "tokenizer"))
+    if tok.cfg.feature_dim:
+        raise SeqganError(f"{path} is a VQ-KD phase-1 tokenizer: it has no pixel decoder yet; run "
+                          f"train_tokenizer.py --phase 2 --init {path} first")
     return tok.to(device).eval().requires_grad_(False)

@@ -69,8 +69,8 @@ def phase1_ckpt(tmp_path_factory, image_folder):
 
 
 def quantizer(**kw):
-    args = dict(n_codes=16, code_dim=4, beta=0.25, entropy_weight=0.0, entropy_temp=1.0)
-    return S.VectorQuantizer(**{**args, **kw})
+    """A small quantizer built from a TokenizerConfig; the entropy term off unless asked for."""
+    return S.VectorQuantizer(S.TokenizerConfig(**{**dict(n_codes=16, code_dim=4, entropy_weight=0.0), **kw}))
 
 
 # -----------------------------------------------------------------------------
@@ -144,6 +144,126 @@ def test_codebook_usage_and_perplexity():
     counts = torch.tensor([5, 5, 0, 0])
     usage, ppl = S.codebook_usage(counts)
     assert usage.item() == 0.5 and abs(ppl.item() - 2.0) < 1e-5
+
+
+# -----------------------------------------------------------------------------
+# related objectives as switches: Reg-VQ and VQ-KD
+
+
+def test_regvq_prior_kl_is_log_k_minus_entropy_and_the_same_gradient_as_seqgan():
+    """Reg-VQ's KL(P_post || uniform) = sum_k p_k log(K p_k) = log K - H(P_post): one code path with
+    SeQ-GAN's entropy term (section 3.4), so the gradient equals that of -gamma H."""
+    torch.manual_seed(0)
+    q = quantizer(n_codes=16, entropy_weight=1.0, beta=0.0)
+    q.codebook.weight.data.normal_()
+    z_e = torch.randn(2, 4, 3, 3, requires_grad=True)
+    _, _, terms = q(z_e)
+    d = torch.cdist(z_e.detach().permute(0, 2, 3, 1).reshape(-1, 4), q.codebook.weight.detach()) ** 2
+    p = torch.softmax(-d, 1).mean(0)
+    kl = (p * torch.log(16 * p)).sum()
+    assert abs(terms["kl_uniform"].item() - kl.item()) < 1e-6
+    assert abs(terms["kl_uniform"].item() - (math.log(16) - terms["entropy"].item())) < 1e-6
+    (terms["loss"] - terms["codebook_loss"]).backward()
+    g_kl = z_e.grad.clone()
+    z_e.grad = None
+    _, _, terms = q(z_e)
+    (-terms["entropy"]).backward()
+    assert torch.allclose(g_kl, z_e.grad, atol=1e-7)
+
+
+def test_mask_ratio_zero_is_bit_identical_to_plain_vq():
+    """m = 0 draws no random numbers and returns exactly the plain quantizer's outputs."""
+    torch.manual_seed(0)
+    plain, masked = quantizer(), quantizer(mask_ratio=0.0, objective="regvq")
+    masked.load_state_dict(plain.state_dict())
+    z_e = torch.randn(2, 4, 5, 5)
+    state = torch.get_rng_state()
+    a, b = plain(z_e), masked(z_e)
+    assert torch.equal(state, torch.get_rng_state())
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert all(torch.equal(a[2][k], b[2][k]) for k in a[2])
+
+
+def test_mask_ratio_one_samples_from_softmax_of_minus_distance():
+    """With m = 1 every position draws k ~ softmax(-D / tau): a chi-square test on a fixed toy problem."""
+    from scipy.stats import chisquare
+    torch.manual_seed(0)
+    q = quantizer(n_codes=4, code_dim=2, mask_ratio=1.0, entropy_temp=2.0)
+    q.codebook.weight.data = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.5], [2.0, 2.0]])
+    z_e = torch.tensor([0.5, 0.3]).view(1, 2, 1, 1).expand(1, 2, 100, 100).contiguous()  # 10^4 draws
+    _, idx, _ = q(z_e)
+    d = ((q.codebook.weight.detach() - torch.tensor([0.5, 0.3])) ** 2).sum(1)
+    expected = torch.softmax(-d / 2.0, 0) * idx.numel()
+    observed = torch.bincount(idx.flatten(), minlength=4)
+    assert chisquare(observed.double().numpy(), expected.double().numpy() * observed.sum().item() / expected.double().sum().item()).pvalue > 1e-3
+    assert observed[0] < 0.9 * idx.numel()  # really sampled, not the nearest code everywhere
+
+
+def test_sampled_positions_pass_gradients_to_encoder_and_codebook():
+    """The Gumbel-softmax straight-through path: gradients reach z_e through D and the codes."""
+    torch.manual_seed(0)
+    q = quantizer(mask_ratio=1.0, beta=0.0)
+    q.codebook.weight.data.normal_()
+    z_e = torch.randn(2, 4, 3, 3, requires_grad=True)
+    z_q, _, _ = q(z_e)
+    g = torch.randn_like(z_q)
+    (z_q * g).sum().backward()
+    assert z_e.grad.abs().sum() > 0 and not torch.equal(z_e.grad, g)  # not the plain copy of the nearest path
+    assert q.codebook.weight.grad.abs().sum() > 0
+
+
+def test_eval_mode_tokenizing_is_deterministic():
+    """Sampling is for training only: eval forward passes and tokenize() agree with the nearest codes."""
+    torch.manual_seed(0)
+    tok = S.Tokenizer(S.TokenizerConfig(channels=16, n_codes=32, code_dim=8, mask_ratio=1.0, objective="regvq"))
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    tok.eval()
+    _, a, _ = tok(x)
+    _, b, _ = tok(x)
+    assert torch.equal(a, b) and torch.equal(a, tok.tokenize(x))
+    tok.train()
+    _, c, _ = tok(x)
+    assert not torch.equal(a, c)
+
+
+def test_pcl_is_lower_for_a_perfect_reconstruction_than_for_shuffled_positions():
+    torch.manual_seed(0)
+    f = torch.randn(2, 16, 4, 4)
+    shuffled = f.flatten(2)[:, :, torch.randperm(16)].reshape(2, 16, 4, 4)
+    d = torch.rand(2, 4, 4)
+    assert S.pcl_loss(f, f, d, 0.1) < S.pcl_loss(shuffled, f, d, 0.1)
+    no_sampling = S.pcl_loss(f, f, torch.zeros(2, 4, 4), 0.1)  # plain InfoNCE: >= 0
+    assert no_sampling >= 0
+
+
+def test_vqkd_phase1_has_no_pixel_decoder_and_learns_a_toy_teacher():
+    """VQ-KD phase 1: only encoder, codebook and a feature decoder exist and get gradients, and the
+    cosine feature loss falls when fitting a fixed teacher."""
+    torch.manual_seed(0)
+    cfg = S.TokenizerConfig(channels=16, n_codes=32, code_dim=8, objective="vqkd", cosine_codebook=True, feature_dim=6)
+    tok = S.Tokenizer(cfg)
+    assert not any(isinstance(m, S.Decoder) for m in tok.modules())
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    teacher = torch.nn.Conv2d(3, 6, 4, stride=4)  # a fixed "network": 32 px -> 8x8 features
+    opt = torch.optim.Adam(tok.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        f_pred, _, q = tok(x)
+        loss = S.feature_kd_loss(f_pred, teacher(x).detach()) + q["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+    assert {n.split(".")[0] for n, p in tok.named_parameters() if p.grad is not None} == {"encoder", "quantizer", "decoder"}
+    assert isinstance(tok.decoder, S.FeatureDecoder)
+
+
+def test_unknown_objective_and_bad_mask_ratio_are_one_clear_error():
+    with pytest.raises(S.SeqganError, match="unknown --objective vq2"):
+        S.TokenizerConfig(objective="vq2")
+    with pytest.raises(S.SeqganError, match=r"--mask-ratio 1.5 is outside \[0, 1\]"):
+        S.TokenizerConfig(mask_ratio=1.5)
 
 
 # -----------------------------------------------------------------------------

@@ -67,7 +67,10 @@ def configure(args):
         raise S.SeqganError(f"--phase must be 1 or 2, not {phase}")
     if preset not in S.PRESETS:
         raise S.SeqganError(f"unknown --preset {preset}; choose from {', '.join(S.PRESETS)}")
-    defaults = dict(S.PRESETS[preset], **(PHASE2_DEFAULTS if phase == 2 else {}))
+    objective = given.get("objective", "seqgan")
+    if objective not in S.OBJECTIVES:
+        raise S.SeqganError(f"unknown --objective {objective}; choose from {', '.join(S.OBJECTIVES)}")
+    defaults = dict(S.PRESETS[preset], **S.OBJECTIVES[objective], **(PHASE2_DEFAULTS if phase == 2 else {}))
     ckpt_path = os.path.join(given.get("out", defaults.get("out", TrainConfig.out)), "ckpt.pt")
     ckpt = init = None
     if given.get("resume"):
@@ -88,12 +91,16 @@ def configure(args):
         if init["phase"] != 1:
             raise S.SeqganError(f"--init {given['init']} is a phase-{init['phase']} checkpoint; phase 2 starts from phase 1")
         for name, saved in init["model_config"].items():
-            if name in given and given[name] != saved and name not in ("attn_heads", "attn_block"):
+            if name in given and given[name] != saved and name not in ("attn_heads", "attn_block", "mask_ratio"):
                 raise S.SeqganError(f"--init {given['init']} has --{name.replace('_', '-')} {saved}, not {given[name]}; "
                                     "phase 2 keeps the phase-1 encoder and codebook")
-        # phase 2 inherits data, model and D from phase 1; it trains a fresh run with its own defaults
+        # phase 2 inherits data, model and D from phase 1; it trains a fresh run with its own defaults,
+        # a deterministic quantizer, and a pixel decoder (VQ-KD: from scratch, so D warms up again)
         defaults = {**init["train_config"], **init["model_config"], **init["loss_config"], **PHASE2_DEFAULTS,
-                    "dec_attn": True, "lr": 0.0, "device": "auto", "compile": False}
+                    "dec_attn": True, "lr": 0.0, "device": "auto", "compile": False, "mask_ratio": 0.0,
+                    "pcl_weight": 0.0, "feature_dim": 0}
+        if init["model_config"]["feature_dim"]:
+            defaults["gan_start"] = init["loss_config"]["gan_start"]
     tc, mc, lc = (S.config_from_args(c, args, defaults) for c in (TrainConfig, S.TokenizerConfig, S.LossConfig))
     if tc.phase == 1 and tc.init:
         raise S.SeqganError("--init is for phase 2 (a phase-1 checkpoint to fine-tune); drop it")
@@ -101,6 +108,10 @@ def configure(args):
         raise S.SeqganError(f"--alpha {lc.alpha} is outside [0, 1]")
     if tc.phase == 2 and lc.alpha != 0:
         raise S.SeqganError("phase 2 fine-tunes the decoder with alpha = 0 (section 3.3); drop --alpha")
+    if lc.teacher_layer not in S.VGG_CHANNELS:
+        raise S.SeqganError(f"--teacher-layer {lc.teacher_layer}: choose from {', '.join(S.VGG_CHANNELS)}")
+    if mc.objective == "vqkd" and tc.phase == 1 and not tc.resume:
+        mc = replace(mc, feature_dim=S.VGG_CHANNELS[lc.teacher_layer])  # phase 1 decodes teacher features
     if tc.lr == 0:
         tc = replace(tc, lr=1e-4 if tc.phase == 1 else 5e-5)
     return tc, mc, lc, ckpt, init
@@ -136,17 +147,40 @@ def g_step(model, disc, perceptual, opt_g, x, lc, phase, gan_w, ctx):
         x_hat, idx, q = model(x)
         l1 = (x_hat.float() - x).abs().mean()
         l_p, p_terms = perceptual(x_hat, x)
-        g_adv = S.g_loss(disc(x_hat)) if gan_w > 0 else torch.zeros((), device=x.device)
+        zero = torch.zeros((), device=x.device)
+        g_adv = S.g_loss(disc(x_hat)) if gan_w > 0 else zero
         loss = lc.l1_weight * l1 + lc.perceptual_weight * l_p + gan_w * g_adv
         if phase == 1:  # phase 2: encoder and codebook are frozen, their terms are only logged
             loss = loss + q["loss"]
+        pcl = zero
+        if lc.pcl_weight > 0:  # Reg-VQ: contrastive loss on relu3_3 features, pooled to the token grid
+            f_hat, f = p_terms["features"]
+            pcl = S.pcl_loss(f_hat["relu3_3"], f["relu3_3"], q["sample_dist"], lc.pcl_temp)
+            loss = loss + lc.pcl_weight * pcl
     opt_g.zero_grad(set_to_none=True)
     loss.backward()
     opt_g.step()
     disc.requires_grad_(True)
     terms = [loss, l1, l_p, p_terms["l_low"], p_terms["l_sem"], q["codebook_loss"], q["commitment_loss"],
-             q["entropy"], g_adv]
+             q["entropy"], g_adv, pcl, zero]
     return x_hat, idx, torch.stack([t.detach().float() for t in terms])
+
+
+def kd_step(model, perceptual, opt_g, x, lc, ctx):
+    """VQ-KD phase 1: the tokenizer reproduces the frozen teacher's feature map (cosine loss) + L_vq;
+    no pixel, perceptual or GAN loss. Returns the same (x_hat, idx, terms) as g_step (x_hat = features)."""
+    with ctx:
+        f_pred, idx, q = model(x)
+        with torch.no_grad():
+            teacher = perceptual.features(x, logits=False)[lc.teacher_layer]
+        kd = S.feature_kd_loss(f_pred, teacher)
+        loss = kd + q["loss"]
+    opt_g.zero_grad(set_to_none=True)
+    loss.backward()
+    opt_g.step()
+    zero = torch.zeros((), device=x.device)
+    terms = [loss, zero, zero, zero, zero, q["codebook_loss"], q["commitment_loss"], q["entropy"], zero, zero, kd]
+    return f_pred, idx, torch.stack([t.detach().float() for t in terms])
 
 
 def d_step(disc, opt_d, x, x_hat, lc, step, ctx):
@@ -174,16 +208,17 @@ def evaluate(model, val, tc, mc, device, ctx):
         x = S.to_input(xb, device, mc.image_size)[: tc.eval_images - n]
         with ctx:
             x_hat, idx, _ = model(x)
-        x_hat = x_hat.float().clamp(-1, 1)
         S.count_codes(counts, idx)
-        total += S.psnr(x_hat, x) * len(x)
         n += len(x)
-        first = (x[:8], x_hat[:8]) if first is None else first
+        if not mc.feature_dim:  # VQ-KD phase 1 outputs features: no pixels to compare or show
+            x_hat = x_hat.float().clamp(-1, 1)
+            total += S.psnr(x_hat, x) * len(x)
+            first = (x[:8], x_hat[:8]) if first is None else first
         if n >= tc.eval_images:
             break
     model.train()
     usage, ppl = S.codebook_usage(counts)
-    return dict(psnr=(total / n).item(), usage=usage.item(), perplexity=ppl.item()), first
+    return dict(psnr=float(total / n) if not mc.feature_dim else float("nan"), usage=usage.item(), perplexity=ppl.item()), first
 
 
 def main(argv=None):
@@ -206,9 +241,11 @@ def main(argv=None):
 
     model = S.Tokenizer(mc)
     disc = S.Discriminator(mc.image_size, lc.disc_channels, lc.disc_max_channels)
-    if init is not None:  # phase 2: phase-1 weights; only the new attention layers start fresh
-        missing, unexpected = model.load_state_dict(S.clean_state_dict(init["model"]), strict=False)
-        assert not unexpected and all(k.startswith("decoder.attn.") for k in missing), (missing, unexpected)
+    if init is not None:  # phase 2: phase-1 weights; the new attention layers (VQ-KD: the decoder) start fresh
+        keep = ("encoder.", "quantizer.") if init["model_config"]["feature_dim"] else ("encoder.", "quantizer.", "decoder.")
+        weights = {k: v for k, v in S.clean_state_dict(init["model"]).items() if k.startswith(keep)}
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        assert not unexpected and all(k.startswith("decoder.") for k in missing), (missing, unexpected)
         disc.load_state_dict(S.clean_state_dict(init["disc"]))
     if tc.phase == 2:
         model.encoder.requires_grad_(False)
@@ -251,7 +288,8 @@ def main(argv=None):
                                           opt_g=opt_g.state_dict(), opt_d=opt_d.state_dict()))
 
     data = batches(ds, tc, step, device)
-    names = ["loss", "l1", "perceptual", "l_low", "l_sem", "codebook", "commitment", "entropy", "g_adv", "d_loss", "r1"]
+    names = ["loss", "l1", "perceptual", "l_low", "l_sem", "codebook", "commitment", "entropy", "g_adv", "pcl", "kd",
+             "d_loss", "r1"]
     acc = torch.zeros(len(names), device=device)  # running sums, read back only at log time (no host sync per step)
     counts = torch.zeros(mc.n_codes, device=device, dtype=torch.long)
     n_acc, t0, zero = 0, time.time(), torch.zeros((), device=device)
@@ -264,10 +302,13 @@ def main(argv=None):
                     group["lr"] = lr
             x = S.to_input(next(data)[0], device, mc.image_size)
 
-            gan_w = S.gan_weight_at(step, lc)
-            x_hat, idx, terms = g_step(g_model, g_disc, perceptual, opt_g, x, lc, tc.phase, gan_w, ctx)
+            gan_w = S.gan_weight_at(step, lc) if not mc.feature_dim else 0.0
+            if mc.feature_dim:
+                x_hat, idx, terms = kd_step(g_model, perceptual, opt_g, x, lc, ctx)
+            else:
+                x_hat, idx, terms = g_step(g_model, g_disc, perceptual, opt_g, x, lc, tc.phase, gan_w, ctx)
             d, r1 = zero, zero
-            if step >= lc.gan_start:
+            if step >= lc.gan_start and not mc.feature_dim:
                 d, r1 = d_step(g_disc, opt_d, x, x_hat, lc, step, ctx)
 
             acc += torch.stack([*terms, d, r1])
@@ -292,15 +333,15 @@ def main(argv=None):
                 n_acc, t0 = 0, time.time()
 
             if step % tc.eval_every == 0 or step == tc.steps:
-                metrics, (xs, xr) = evaluate(model, val, tc, mc, device, ctx)
+                metrics, first = evaluate(model, val, tc, mc, device, ctx)
                 log(f"eval step {step} | PSNR {metrics['psnr']:.2f} dB | usage {metrics['usage']:.3f} "
                     f"({round(metrics['usage'] * mc.n_codes)}/{mc.n_codes} codes) | perplexity {metrics['perplexity']:.1f}")
                 if metrics["usage"] < 0.1:
                     log(f"warning: only {round(metrics['usage'] * mc.n_codes)}/{mc.n_codes} codes used; "
                         "raise --entropy-weight or --entropy-temp")
-                grid = torch.cat([xs, xr])
-                torchvision.utils.save_image(grid, os.path.join(tc.out, f"recon_{step:07d}.png"), nrow=len(xs),
-                                             normalize=True, value_range=(-1, 1))
+                if first is not None:  # top row inputs, bottom row reconstructions
+                    torchvision.utils.save_image(torch.cat(first), os.path.join(tc.out, f"recon_{step:07d}.png"),
+                                                 nrow=len(first[0]), normalize=True, value_range=(-1, 1))
                 save()
                 t0 = time.time()
     log(f"done: {ckpt_path}")
