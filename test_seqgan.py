@@ -7,6 +7,8 @@ VGG16 and Inception are randomly initialised *on purpose* (--vgg-weights random)
 
 import math
 import os
+import json
+import shutil
 import subprocess
 import sys
 import urllib.error
@@ -21,11 +23,15 @@ import torch.nn.functional as F
 from PIL import Image
 
 import fid
+import sample
 import seqgan as S
+import train_prior
 import train_tokenizer
 from seqgan import SeqganError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# Tiny models are op-overhead bound: a second thread only waits on a busy or shared CPU.
+torch.set_num_threads(1)
 TINY = ["--vgg-weights", "random", "--channels", "16", "--n-codes", "32", "--code-dim", "8",
         "--disc-channels", "8", "--batch-size", "4", "--log-every", "2", "--eval-every", "4",
         "--eval-images", "8", "--num-workers", "0", "--attn-heads", "2"]
@@ -1122,6 +1128,378 @@ def test_resume_continues_step_count(image_folder, tmp_path):
     assert all(s["step"].item() == 4 for s in ck["opt_d"]["state"].values())
     assert not torch.equal(first["model"]["decoder.conv_out.weight"], ck["model"]["decoder.conv_out.weight"])
     assert "start step 2" in open(os.path.join(out, "log.txt")).read()
+
+
+# -----------------------------------------------------------------------------
+# train_prior.py and sample.py end to end
+
+TINY_PRIOR = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--batch-size", "4", "--log-every", "2",
+              "--eval-every", "2", "--eval-batches", "2", "--num-workers", "0", "--device", "cpu"]
+
+
+@pytest.fixture(scope="session")
+def prior_images(tmp_path_factory):
+    """24 random 32x32 PNGs in two class folders, a (label 0) and b (label 1)."""
+    root = tmp_path_factory.mktemp("prior_images")
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        d = root / ("a" if i % 2 else "b")
+        d.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_ckpt(tmp_path_factory, prior_images):
+    """A 2-step tokenizer through the real script: K = 32 codes, 8x8 tokens."""
+    out = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer.main(["--vgg-weights", "random", "--channels", "16", "--n-codes", "32", "--code-dim", "8",
+                          "--disc-channels", "8", "--batch-size", "4", "--log-every", "2", "--eval-every", "4",
+                          "--eval-images", "8", "--num-workers", "0", "--data", prior_images, "--steps", "2",
+                          "--gan-start", "100", "--out", str(out)])
+    return str(out / "ckpt.pt")
+
+
+@pytest.fixture(scope="session")
+def ar_run(tmp_path_factory, tokenizer_ckpt):
+    """A class-conditional AR prior, 4 steps; the data is inherited from the tokenizer."""
+    out = str(tmp_path_factory.mktemp("prior_ar"))
+    train_prior.main(TINY_PRIOR + ["--tokenizer", tokenizer_ckpt, "--model", "ar", "--steps", "4", "--out", out])
+    return out
+
+
+@pytest.fixture(scope="session")
+def nar_run(tmp_path_factory, tokenizer_ckpt):
+    """An unconditional NAR (MaskGIT) prior, 4 steps."""
+    out = str(tmp_path_factory.mktemp("prior_nar"))
+    train_prior.main(TINY_PRIOR + ["--tokenizer", tokenizer_ckpt, "--model", "nar", "--uncond", "--steps", "4",
+                                   "--out", out])
+    return out
+
+
+def edited_tokenizer(src, dst, edit):
+    """Copy a tokenizer checkpoint with edit(ckpt) applied."""
+    ck = torch.load(src, weights_only=True)
+    edit(ck)
+    torch.save(ck, dst)
+    return str(dst)
+
+
+def reverse_codebook(ck):
+    ck["model"]["quantizer.codebook.weight"] = ck["model"]["quantizer.codebook.weight"].flip(0)
+
+
+def read_png(path):
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+# -----------------------------------------------------------------------------
+# train_prior.py
+
+
+@pytest.mark.parametrize("model", ["ar", "nar"])
+def test_train_prior_writes_checkpoint_sample_grids_and_log(model, ar_run, nar_run, tokenizer_ckpt):
+    out = ar_run if model == "ar" else nar_run
+    ck = S.load_checkpoint(os.path.join(out, "ckpt.pt"), "prior")
+    mc = ck["model_config"]
+    assert ck["step"] == 4 and np.isfinite(ck["best_val_loss"])
+    assert mc == dict(n_codes=32, grid=64, n_classes=2 if model == "ar" else 0, n_layer=1, n_head=2, n_embd=32,
+                      dropout=0.1, causal=model == "ar")
+    assert ck["tokenizer"] == os.path.abspath(tokenizer_ckpt)
+    prior = S.Prior(S.PriorConfig(**mc))
+    prior.load_state_dict(ck["model"])  # strict: the uncompiled module's names
+    # weight decay 1e-2 on matrices only (Table 10), betas (0.9, 0.96)
+    groups, state = ck["optimizer"]["param_groups"], ck["optimizer"]["state"]
+    assert [g["weight_decay"] for g in groups] == [0.01, 0.0] and groups[0]["betas"] == (0.9, 0.96)
+    assert all(state[i]["exp_avg"].dim() >= 2 for i in groups[0]["params"])
+    assert all(state[i]["exp_avg"].dim() < 2 for i in groups[1]["params"])
+    assert len(state) == len(list(prior.parameters()))
+    # sample grids every --eval-every 2 steps, 8 columns x 4 rows (AR: classes 0, 1, 0, 1, .. by column)
+    for step in (2, 4):
+        assert Image.open(os.path.join(out, f"samples_{step:07d}.png")).size == (8 * 34 + 2, 4 * 34 + 2)
+    log = open(os.path.join(out, "log.txt")).read()
+    assert "eval step 4 | val loss" in log and "MFU n/a" in log and "tok/s" in log and "step 4 | loss" in log
+
+
+def test_token_cache_holds_the_tokenizers_codes_and_a_5_percent_val_split(ar_run, tokenizer_ckpt, prior_images):
+    """Every 20th image (sorted) is val; tokens are int16 and equal a fresh tokenization."""
+    cache = S.load_checkpoint(os.path.join(ar_run, "tokens.pt"), "tokens")
+    assert cache["train"].dtype == torch.int16 and cache["train"].shape == (22, 64) and cache["val"].shape == (2, 64)
+    folder = S.ImageFolder(prior_images, 32)
+    tok = S.load_tokenizer(tokenizer_ckpt)
+    x = S.to_input(torch.stack([folder[i][0] for i in range(24)]), "cpu", 32)
+    idx = tok.tokenize(x).flatten(1)
+    val = [0, 20]
+    train = [i for i in range(24) if i not in val]
+    assert torch.equal(cache["train"].long(), idx[train]) and torch.equal(cache["val"].long(), idx[val])
+    labels = torch.tensor(folder.labels)
+    assert torch.equal(cache["train_labels"], labels[train]) and torch.equal(cache["val_labels"], labels[val])
+
+
+def test_token_cache_is_reused_and_rebuilt_when_tokenizer_or_data_change(tokenizer_ckpt, prior_images, tmp_path):
+    data = str(tmp_path / "data")
+    shutil.copytree(prior_images, data)
+    cache = str(tmp_path / "tokens.pt")
+    runs = iter(range(100))
+
+    def run(tokenizer):
+        out = str(tmp_path / f"run{next(runs)}")
+        train_prior.main(TINY_PRIOR + ["--tokenizer", tokenizer, "--data", data, "--token-cache", cache,
+                                       "--steps", "1", "--out", out])
+        return open(os.path.join(out, "log.txt")).read()
+
+    assert "tokenizing the data into" in run(tokenizer_ckpt)
+    first, mtime = torch.load(cache, weights_only=True), os.stat(cache).st_mtime_ns
+    # a second run, and a byte-identical copy elsewhere (the fingerprint is the content, not the path)
+    assert "reusing token cache" in run(tokenizer_ckpt)
+    assert "reusing token cache" in run(shutil.copy(tokenizer_ckpt, str(tmp_path / "copy.pt")))
+    assert os.stat(cache).st_mtime_ns == mtime
+    # the codebook reversed: code k becomes code K-1-k, so every cached token must change accordingly
+    reversed_ckpt = edited_tokenizer(tokenizer_ckpt, tmp_path / "reversed.pt", reverse_codebook)
+    assert "is stale (tokenizer changed)" in run(reversed_ckpt)
+    assert torch.equal(torch.load(cache, weights_only=True)["train"], 31 - first["train"])
+    # an image rewritten in the data folder (same pixels, new mtime)
+    os.utime(os.path.join(data, "a", "1.png"), ns=(0, 0))
+    assert "is stale (data changed)" in run(reversed_ckpt)
+    assert torch.equal(torch.load(cache, weights_only=True)["train"], 31 - first["train"])
+
+
+def test_tokenizer_hash_covers_encoder_codebook_and_config_but_not_the_decoder(tokenizer_ckpt):
+    """Phase 2 (new decoder, attention on) keeps the phase-1 tokens; any encoder or codebook change does not."""
+    ck = torch.load(tokenizer_ckpt, weights_only=True)
+    base = train_prior.tokenizer_hash(ck)
+
+    def changed(edit):
+        c = torch.load(tokenizer_ckpt, weights_only=True)
+        edit(c)
+        return train_prior.tokenizer_hash(c) != base
+
+    def phase2(c):
+        c["model_config"].update(dec_attn=True, attn_heads=2, attn_block=4)
+        c["model"]["decoder.conv_out.weight"] += 1
+        c["model"]["decoder.attn.0.proj.weight"] = torch.ones(4)
+
+    assert not changed(phase2)
+    assert changed(reverse_codebook)
+    assert changed(lambda c: c["model"]["encoder.conv_in.weight"].mul_(1.001))
+    assert changed(lambda c: c["model_config"].update(image_size=64))
+
+
+def test_prior_resume_continues_step_count(tokenizer_ckpt, tmp_path):
+    out = str(tmp_path / "run")
+    args = TINY_PRIOR + ["--tokenizer", tokenizer_ckpt, "--out", out]
+    train_prior.main(args + ["--steps", "2"])
+    first = S.load_checkpoint(os.path.join(out, "ckpt.pt"), "prior")
+    train_prior.main(["--resume", "--steps", "4", "--out", out])  # everything else from the checkpoint
+    ck = S.load_checkpoint(os.path.join(out, "ckpt.pt"), "prior")
+    assert ck["step"] == 4 and ck["model_config"] == first["model_config"]
+    assert all(s["step"].item() == 4 for s in ck["optimizer"]["state"].values())
+    assert not torch.equal(first["model"]["head.weight"], ck["model"]["head.weight"])
+    log = open(os.path.join(out, "log.txt")).read()
+    assert "start step 2" in log and "reusing token cache" in log
+
+
+def test_train_prior_bad_input_is_one_clear_error_and_writes_nothing(ar_run, tokenizer_ckpt, tmp_path):
+    new = str(tmp_path / "new")
+    for argv, match in [
+        (["--tokenizer", tokenizer_ckpt, "--model", "gpt"], "--model must be ar or nar, not 'gpt'"),
+        ([], "needs --tokenizer CKPT"),
+        (["--tokenizer", os.path.join(ar_run, "ckpt.pt")], "is a prior checkpoint, expected a tokenizer checkpoint"),
+        (["--tokenizer", tokenizer_ckpt, "--resume"], "checkpoint .*ckpt.pt not found"),
+        (["--tokenizer", tokenizer_ckpt, "--preset", "huge"], "unknown --preset huge"),
+        (["--tokenizer", tokenizer_ckpt, "--batch-size", "64"], "fewer than --batch-size 64"),
+    ]:
+        with pytest.raises(S.SeqganError, match=match):
+            train_prior.main(TINY_PRIOR + argv + ["--out", new])
+    assert not os.path.exists(new)
+
+    # an existing run: never overwritten, and resumed only with the same model flags and tokenizer
+    before = {f: open(os.path.join(ar_run, f), "rb").read() for f in os.listdir(ar_run)}
+    with pytest.raises(S.SeqganError, match="exists; pass --resume"):
+        train_prior.main(TINY_PRIOR + ["--tokenizer", tokenizer_ckpt, "--out", ar_run])
+    with pytest.raises(S.SeqganError, match="trained with --n-embd 32, not 64"):
+        train_prior.main(["--resume", "--n-embd", "64", "--out", ar_run])
+    with pytest.raises(S.SeqganError, match="trained with --model ar, not nar"):
+        train_prior.main(["--resume", "--model", "nar", "--out", ar_run])
+    assert {f: open(os.path.join(ar_run, f), "rb").read() for f in os.listdir(ar_run)} == before
+
+    # another tokenizer file on resume: fine with the same encoder and codebook (here a copy) ...
+    tok = str(tmp_path / "tok.pt")
+    out = str(tmp_path / "run")
+    train_prior.main(TINY_PRIOR + ["--tokenizer", tokenizer_ckpt, "--steps", "1", "--out", out])
+    train_prior.main(["--resume", "--tokenizer", shutil.copy(tokenizer_ckpt, tok), "--steps", "2", "--out", out])
+    assert S.load_checkpoint(os.path.join(out, "ckpt.pt"), "prior")["tokenizer"] == os.path.abspath(tok)
+    # ... refused with another codebook size or other weights
+    edited_tokenizer(tokenizer_ckpt, tok, shrink_codebook)
+    with pytest.raises(S.SeqganError, match="has 16 codes and 64 tokens per image, but the prior was trained on 32 codes"):
+        train_prior.main(["--resume", "--steps", "3", "--out", out])
+    edited_tokenizer(tokenizer_ckpt, tok, reverse_codebook)
+    with pytest.raises(S.SeqganError, match="changed since the prior was trained"):
+        train_prior.main(["--resume", "--steps", "3", "--out", out])
+    assert S.load_checkpoint(os.path.join(out, "ckpt.pt"), "prior")["step"] == 2
+
+
+def shrink_codebook(ck):
+    ck["model_config"]["n_codes"] = 16
+    ck["model"]["quantizer.codebook.weight"] = ck["model"]["quantizer.codebook.weight"][:16]
+
+
+def double_image_size(ck):
+    ck["model_config"]["image_size"] = 64  # the same conv weights, but a 16x16 grid
+
+
+# -----------------------------------------------------------------------------
+# sample.py
+
+
+@pytest.mark.parametrize("model", ["ar", "nar"])
+def test_sample_writes_n_decodable_pngs_and_the_settings(model, ar_run, nar_run, tokenizer_ckpt, tmp_path, capsys):
+    prior = os.path.join(ar_run if model == "ar" else nar_run, "ckpt.pt")
+    out = str(tmp_path / "samples")
+    sample.main(["--prior", prior, "--n", "5", "--batch-size", "2", "--device", "cpu", "--out", out])
+    assert sorted(os.listdir(out)) == [f"{i:06d}.png" for i in range(5)] + ["grid.png", "sampling.json"]
+    for i in range(5):
+        img = Image.open(os.path.join(out, f"{i:06d}.png"))
+        assert img.mode == "RGB" and img.size == (32, 32)
+        img.load()  # decodes the whole file
+    assert Image.open(os.path.join(out, "grid.png")).size == (5 * 34 + 2, 34 + 2)
+    rec = json.load(open(os.path.join(out, "sampling.json")))
+    assert rec["tokenizer"] == os.path.abspath(tokenizer_ckpt) and rec["prior"] == os.path.abspath(prior)
+    assert rec["n"] == 5 and rec["seed"] == 0 and rec["decoder_phase"] == 1 and rec["prior_step"] == 4
+    if model == "ar":  # paper defaults
+        assert (rec["temperature"], rec["top_p"], rec["top_k"], rec["steps"]) == (1.0, 0.98, 0, None)
+        assert rec["classes"] == "cycle"
+    else:
+        assert (rec["temperature"], rec["steps"], rec["choice_temperature"], rec["top_p"]) == (0.65, 12, 4.5, None)
+        assert rec["classes"] == "unconditional"
+    assert "phase-1 decoder" in capsys.readouterr().out
+
+
+def test_same_seed_and_batch_size_give_identical_pngs(ar_run, tmp_path):
+    def run(name, *extra):
+        out = tmp_path / name
+        sample.main(["--prior", os.path.join(ar_run, "ckpt.pt"), "--n", "3", "--batch-size", "2", "--device", "cpu",
+                     "--out", str(out), *extra])
+        return [(out / f"{i:06d}.png").read_bytes() for i in range(3)]
+
+    a = run("a")
+    assert run("b") == a
+    assert run("c", "--seed", "1") != a
+
+
+def test_grid_png_shows_the_first_64_samples_in_rows_of_8(ar_run, tmp_path):
+    """--batch-size 24 does not divide 64: the grid is filled across a batch boundary."""
+    out = tmp_path / "s"
+    sample.main(["--prior", os.path.join(ar_run, "ckpt.pt"), "--n", "96", "--batch-size", "24", "--device", "cpu",
+                 "--out", str(out)])
+    grid = read_png(out / "grid.png").astype(int)
+    assert grid.shape == (8 * 34 + 2, 8 * 34 + 2, 3)
+    for i in (0, 9, 33, 63):  # sample i at row i // 8, column i % 8 (its class is i % 2, the column's)
+        r, c = divmod(i, 8)
+        cell = grid[2 + 34 * r: 34 + 34 * r, 2 + 34 * c: 34 + 34 * c]
+        assert np.abs(cell - read_png(out / f"{i:06d}.png")).max() <= 1
+
+
+def test_classes_cycle_without_class_and_are_fixed_with_it(ar_run, tmp_path, monkeypatch):
+    seen = []
+    generate = S.generate_ar
+
+    def spy(model, n, y=None, *args, **kw):
+        seen.append(y.tolist())
+        return generate(model, n, y, *args, **kw)
+
+    monkeypatch.setattr(S, "generate_ar", spy)
+    prior = os.path.join(ar_run, "ckpt.pt")
+    sample.main(["--prior", prior, "--n", "5", "--batch-size", "2", "--device", "cpu", "--out", str(tmp_path / "a")])
+    assert seen == [[0, 1], [0, 1], [0]]
+    seen.clear()
+    sample.main(["--prior", prior, "--n", "3", "--class", "1", "--device", "cpu", "--out", str(tmp_path / "b")])
+    assert seen == [[1, 1, 1]]
+    assert json.load(open(tmp_path / "b" / "sampling.json"))["class"] == 1
+
+
+def test_visualize_writes_input_reconstruction_and_teacher_forced_prediction(ar_run, tokenizer_ckpt, prior_images,
+                                                                           tmp_path, capsys):
+    """Fig. 4, recomputed independently: [input | decode(s) | decode(argmax of one teacher-forced pass)]."""
+    out = tmp_path / "vis"
+    sample.main(["--prior", os.path.join(ar_run, "ckpt.pt"), "--visualize", "--images", prior_images, "--n", "4",
+                 "--batch-size", "3", "--device", "cpu", "--out", str(out)])
+    assert Image.open(out / "visualize.png").size == (3 * 34 + 2, 4 * 34 + 2)  # 3 columns, 4 rows of 32 px + padding
+    paths = S.list_images(prior_images)
+    picked = [paths[i * 24 // 4] for i in range(4)]  # spread over the sorted files, so over both class folders
+    labels = torch.tensor([0 if os.sep + "a" + os.sep in p else 1 for p in picked])
+    assert labels.tolist() == [0, 0, 1, 1]
+    tok = S.load_tokenizer(tokenizer_ckpt)
+    ck = S.load_checkpoint(os.path.join(ar_run, "ckpt.pt"), "prior")
+    prior = S.Prior(S.PriorConfig(**ck["model_config"]))
+    prior.load_state_dict(ck["model"])
+    prior.eval()
+    x = S.to_input(torch.stack([S.load_image(p, 32) for p in picked]), "cpu", 32)
+    with torch.no_grad():
+        s = tok.tokenize(x).flatten(1)
+        s_pred = S.teacher_forced_prediction(prior, s, labels)
+        recon, pred = (sample.to_uint8(tok.decode_indices(t.view(-1, 8, 8))) for t in (s, s_pred))
+    grid = read_png(out / "visualize.png").astype(int)
+    for i, p in enumerate(picked):
+        tri = read_png(out / f"triptych_{i:06d}.png").astype(int)
+        assert tri.shape == (32, 96, 3)
+        assert np.array_equal(tri[:, :32], read_png(p))  # the input, untouched
+        assert np.abs(tri[:, 32:64] - recon[i]).max() <= 1  # batch sizes differ: allow float rounding
+        assert np.abs(tri[:, 64:] - pred[i]).max() <= 1
+        for j in range(3):  # visualize.png row i holds the same three images (2 px padding around each)
+            cell = grid[2 + 34 * i: 34 + 34 * i, 2 + 34 * j: 34 + 34 * j]
+            assert np.abs(cell - tri[:, 32 * j: 32 * (j + 1)]).max() <= 1
+    acc = (s_pred == s).float().mean().item()
+    assert f"top-1 token accuracy of s' vs s: {acc:.4f}" in capsys.readouterr().out
+
+
+def test_sample_bad_input_is_one_clear_error_and_writes_nothing(ar_run, nar_run, tokenizer_ckpt, tmp_path):
+    ar, nar = os.path.join(ar_run, "ckpt.pt"), os.path.join(nar_run, "ckpt.pt")
+    (tmp_path / "empty").mkdir()
+    out = str(tmp_path / "out")
+    small = edited_tokenizer(tokenizer_ckpt, tmp_path / "k16.pt", shrink_codebook)
+    big = edited_tokenizer(tokenizer_ckpt, tmp_path / "s64.pt", double_image_size)
+    moved = str(tmp_path / "moved.pt")  # a prior whose tokenizer file has gone
+    torch.save({**torch.load(ar, weights_only=True), "tokenizer": str(tmp_path / "gone.pt")}, moved)
+    for argv, match in [
+        (["--prior", ar, "--tokenizer", small], "has 16 codes and 8x8 = 64 tokens per image, but prior .* was trained on 32 codes"),
+        (["--prior", ar, "--tokenizer", big], "has 32 codes and 16x16 = 256 tokens per image, but prior .* 32 codes and 64 tokens"),
+        (["--prior", ar, "--class", "2"], r"--class 2 is out of range: .* knows classes 0..1"),
+        (["--prior", ar, "--class", "-1"], "--class -1 is out of range"),
+        (["--prior", nar, "--class", "0"], "unconditional prior; drop --class"),
+        (["--prior", nar, "--steps", "0"], "needs 1 to 64 steps"),
+        (["--prior", nar, "--steps", "65"], "needs 1 to 64 steps"),
+        (["--prior", ar, "--steps", "8"], "--steps does not apply to .*, an AR prior"),
+        (["--prior", nar, "--top-p", "0.9"], "--top-p does not apply to .*, an NAR"),
+        (["--prior", nar, "--visualize", "--images", str(tmp_path)], "--visualize needs an AR prior"),
+        (["--prior", ar, "--visualize", "--images", str(tmp_path / "nope")], "does not exist"),
+        (["--prior", ar, "--visualize", "--images", str(tmp_path / "empty")], "holds no images"),
+        (["--prior", ar, "--visualize"], "--visualize needs --images"),
+        (["--prior", ar, "--tokenizer", ar], "is a prior checkpoint, expected a tokenizer checkpoint"),
+        (["--prior", tokenizer_ckpt], "is a tokenizer checkpoint, expected a prior checkpoint"),
+        ([], "needs --prior CKPT"),
+        (["--prior", moved], "the prior's tokenizer .*gone.pt is gone; pass --tokenizer"),
+        (["--prior", ar, "--n", "0"], "--n and --batch-size must be at least 1"),
+    ]:
+        with pytest.raises(S.SeqganError, match=match):
+            sample.main(argv + ["--device", "cpu", "--out", out])
+        assert not os.path.exists(out), argv
+    # an output folder with PNGs in it: fid.py would mix old and new samples
+    os.makedirs(out)
+    (tmp_path / "out" / "000000.png").write_bytes(b"old")
+    with pytest.raises(S.SeqganError, match="already holds PNG files"):
+        sample.main(["--prior", ar, "--n", "1", "--out", out])
+    assert os.listdir(out) == ["000000.png"]
+
+
+def test_errors_are_one_line_and_exit_2_from_the_command_line(ar_run, tmp_path):
+    """Through S.cli, as both scripts end: one `error:` line, exit code 2, no traceback, nothing written.
+    (One subprocess only: starting Python with torch costs seconds.)"""
+    r = subprocess.run([sys.executable, "sample.py", "--prior", os.path.join(ar_run, "ckpt.pt"), "--class", "7",
+                        "--out", str(tmp_path / "o")], cwd=HERE, capture_output=True, text=True)
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: --class 7 is out of range"), r.stderr
+    assert not (tmp_path / "o").exists()
 
 
 # -----------------------------------------------------------------------------

@@ -1,0 +1,224 @@
+"""
+Sample images from a trained prior (numbered PNGs for fid.py), or show what the AR prior predicts
+from the true tokens of real images (paper Fig. 4: input | reconstruction | teacher-forced prediction).
+
+  python sample.py --prior out/prior_ar/ckpt.pt --n 10000        # -> out/prior_ar/samples/000000.png ...
+  python sample.py --prior out/prior_nar/ckpt.pt --n 64 --class 3 --temperature 0.45 --out out/class3
+  python sample.py --prior out/prior_ar/ckpt.pt --visualize --images data/val_images --n 16
+
+Then: python fid.py real_images/ out/prior_ar/samples/
+"""
+
+import argparse
+import json
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+import torchvision
+from PIL import Image
+from tqdm import tqdm
+
+import seqgan as S
+from seqgan import knob
+
+
+@dataclass
+class SampleConfig:
+    prior: str = knob("", "the prior's ckpt.pt (train_prior.py)")
+    tokenizer: str = knob("", "tokenizer ckpt.pt; default: the one the prior was trained with. Its decoder is "
+                              "whatever it holds (phase 2: the attention decoder)")
+    out: str = knob("", "output folder; default: samples/ (or visualize/) beside the prior's ckpt.pt")
+    n: int = knob(64, "images to generate (--visualize: input images to show, at most)")
+    batch_size: int = knob(64, "images per batch; batch i draws from a generator seeded by (seed, its first index)")
+    temperature: float = knob(0.0, "softmax temperature; 0 = paper: 1.0 AR, 0.65 NAR (0.45 on ImageNet)")
+    top_k: int = knob(0, "AR only: keep the k most likely tokens (0 = all)")
+    top_p: float = knob(0.0, "AR only: nucleus mass; 0 = paper: 0.98 (0.92 on ImageNet)")
+    steps: int = knob(12, "NAR only: MaskGIT decoding steps")
+    choice_temperature: float = knob(4.5, "NAR only: scale of the Gumbel noise on confidences, annealed to 0")
+    seed: int = knob(0, "random seed")
+    device: str = knob("auto", "auto (CUDA if present), cpu, cuda or cuda:N")
+    visualize: bool = knob(False, "Fig. 4 triptychs of --images instead of samples (AR prior only)")
+    images: str = knob("", "--visualize: folder of images; class subfolders give the labels")
+
+
+AR_ONLY, NAR_ONLY = ("top_k", "top_p"), ("steps", "choice_temperature")
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    S.add_config_args(p, SampleConfig)
+    # `class` is a Python keyword, so this one flag is not a SampleConfig field
+    p.add_argument("--class", dest="label", type=int, default=None,
+                   help="class of every image (conditional priors); default: classes cycle 0, 1, ..")
+    return p.parse_args(argv)
+
+
+def check_settings(cfg, given, pcfg, label):
+    """Refuse settings that the prior cannot use; fill in the paper's defaults."""
+    kind, other = ("AR", NAR_ONLY) if pcfg.causal else ("NAR (MaskGIT)", AR_ONLY)
+    for name in other:
+        if name in given and not cfg.visualize:
+            raise S.SeqganError(f"--{name.replace('_', '-')} does not apply to {cfg.prior}, an {kind} prior")
+    if label is not None and pcfg.n_classes == 0:
+        raise S.SeqganError(f"--class {label} given, but {cfg.prior} is an unconditional prior; drop --class")
+    if label is not None and not 0 <= label < pcfg.n_classes:
+        raise S.SeqganError(f"--class {label} is out of range: {cfg.prior} knows classes 0..{pcfg.n_classes - 1}")
+    if cfg.n < 1 or cfg.batch_size < 1:
+        raise S.SeqganError("--n and --batch-size must be at least 1")
+    if cfg.temperature < 0 or cfg.choice_temperature < 0 or not 0 <= cfg.top_p <= 1 or cfg.top_k < 0:
+        raise S.SeqganError("--temperature, --choice-temperature and --top-k must be >= 0, --top-p in (0, 1]")
+    if not pcfg.causal and not 1 <= cfg.steps <= pcfg.grid:
+        raise S.SeqganError(f"--steps {cfg.steps}: MaskGIT reveals at least one token per step, so it needs "
+                            f"1 to {pcfg.grid} steps (the number of tokens)")
+    if pcfg.causal:
+        return dict(temperature=cfg.temperature or 1.0, top_k=cfg.top_k, top_p=cfg.top_p or 0.98,
+                    steps=None, choice_temperature=None)
+    return dict(temperature=cfg.temperature or 0.65, top_k=None, top_p=None, steps=cfg.steps,
+                choice_temperature=cfg.choice_temperature)
+
+
+def load_prior(ckpt):
+    """Rebuild the prior from its checkpoint dict (config + weights)."""
+    try:
+        model = S.Prior(S.PriorConfig(**ckpt["model_config"]))
+        model.load_state_dict(S.clean_state_dict(ckpt["model"]))
+    except (TypeError, KeyError, RuntimeError) as e:
+        raise S.SeqganError(f"prior checkpoint does not match this code's Prior ({str(e).splitlines()[0]})") from None
+    return model.eval().requires_grad_(False)
+
+
+def to_uint8(x):
+    """Images (B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, rounded as torchvision's save_image rounds."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+@torch.no_grad()
+def sample(model, tok, cfg, settings, labels, nrow, out, device):
+    """Write cfg.n samples as out/000000.png, ... and the first (up to 64, whole rows) as out/grid.png."""
+    ctx, pcfg, side = S.autocast(device), model.cfg, tok.cfg.grid
+    first, n_grid = [], nrow * max(1, 64 // nrow)
+    for start in tqdm(range(0, cfg.n, cfg.batch_size), desc="sampling", dynamic_ncols=True):
+        b = min(cfg.batch_size, cfg.n - start)
+        y = labels[start:start + b].to(device) if pcfg.n_classes else None
+        # One generator per batch, seeded by (seed, index of its first image): the same seed and batch
+        # size give the same images, and no two batches share random draws.
+        g = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + start)
+        with ctx:
+            if pcfg.causal:
+                idx = S.generate_ar(model, b, y, settings["temperature"], settings["top_k"], settings["top_p"], generator=g)
+            else:
+                idx = S.generate_maskgit(model, b, y, settings["steps"], settings["temperature"],
+                                         settings["choice_temperature"], generator=g)
+            x = tok.decode_indices(idx.view(b, side, side)).float()
+        for i, img in enumerate(to_uint8(x)):
+            Image.fromarray(img).save(os.path.join(out, f"{start + i:06d}.png"))
+        first.append(x[:max(0, n_grid - start)].cpu())  # empty once the grid is full
+    grid = torch.cat(first)
+    torchvision.utils.save_image(grid, os.path.join(out, "grid.png"), nrow=min(nrow, len(grid)),
+                                 normalize=True, value_range=(-1, 1))
+
+
+@torch.no_grad()
+def visualize(model, tok, cfg, folder, pick, labels, out, device):
+    """Fig. 4: true indices s -> one teacher-forced pass -> s' = argmax; decode s and s' side by side."""
+    ctx, side, size = S.autocast(device), tok.cfg.grid, tok.cfg.image_size
+    rows, correct = [], 0
+    for start in range(0, len(pick), cfg.batch_size):
+        batch = pick[start:start + cfg.batch_size]
+        x = S.to_input(torch.stack([folder[i][0] for i in batch]), device, size)
+        s = tok.tokenize(x).flatten(1)  # (B, h*w) ground-truth indices, fp32 as in train_prior.py
+        y = labels[start:start + len(batch)].to(device) if labels is not None else None
+        with ctx:
+            s_pred = S.teacher_forced_prediction(model, s, y)  # (B, h*w): s'_j from the true s_<j
+            recon = tok.decode_indices(s.view(-1, side, side)).float()
+            pred = tok.decode_indices(s_pred.view(-1, side, side)).float()
+        correct += (s_pred == s).sum().item()
+        for i, triple in enumerate(zip(x, recon, pred)):
+            row = torch.cat(triple, dim=2)  # (3, S, 3S): input | reconstruction | AR prediction
+            Image.fromarray(to_uint8(row[None])[0]).save(os.path.join(out, f"triptych_{start + i:06d}.png"))
+            rows.extend(triple)
+    torchvision.utils.save_image(torch.stack(rows), os.path.join(out, "visualize.png"), nrow=3,
+                                 normalize=True, value_range=(-1, 1))
+    return correct / (len(pick) * side * side)
+
+
+def visualize_inputs(cfg, pcfg, label, size):
+    """(folder, indices of the images to show, labels or None) for --visualize. Labels: --class if given,
+    else the folder's class subfolders (sorted names = class ids, as in training), else an error."""
+    folder = S.ImageFolder(cfg.images, size)  # an error if missing or empty
+    n = min(cfg.n, len(folder))
+    pick = [i * len(folder) // n for i in range(n)]  # spread over the sorted files, so over class folders
+    if not pcfg.n_classes:
+        return folder, pick, None
+    if label is not None:
+        return folder, pick, torch.full((n,), label)
+    if not folder.classes:
+        raise S.SeqganError(f"the prior is class-conditional: pass --class C, or put the images of {cfg.images} "
+                            "into class subfolders (sorted names = class ids)")
+    if len(folder.classes) > pcfg.n_classes:
+        raise S.SeqganError(f"{cfg.images} has {len(folder.classes)} class folders, but the prior knows "
+                            f"{pcfg.n_classes} classes; pass --class")
+    print(f"labels from class folders: {dict(enumerate(folder.classes))}")
+    return folder, pick, torch.tensor([folder.labels[i] for i in pick])
+
+
+def main(argv=None):
+    args = parse(argv)
+    cfg, given, label = S.config_from_args(SampleConfig, args), vars(args), args.label
+    if not cfg.prior:
+        raise S.SeqganError("sample.py needs --prior CKPT (the ckpt.pt of a train_prior.py run)")
+    ckpt = S.load_checkpoint(cfg.prior, "prior")
+    model = load_prior(ckpt)
+    pcfg = model.cfg
+    tok_path = cfg.tokenizer or ckpt["tokenizer"]
+    if not cfg.tokenizer and not os.path.isfile(tok_path):
+        raise S.SeqganError(f"the prior's tokenizer {tok_path} is gone; pass --tokenizer CKPT")
+    tok_ckpt = S.load_checkpoint(tok_path, "tokenizer")
+    tok = S.load_tokenizer(tok_path)  # frozen, eval mode, and refuses one without a pixel decoder
+    tcfg = tok.cfg
+    if (tcfg.n_codes, tcfg.grid ** 2) != (pcfg.n_codes, pcfg.grid):
+        raise S.SeqganError(f"tokenizer {tok_path} has {tcfg.n_codes} codes and {tcfg.grid}x{tcfg.grid} = {tcfg.grid ** 2} "
+                            f"tokens per image, but prior {cfg.prior} was trained on {pcfg.n_codes} codes and "
+                            f"{pcfg.grid} tokens; pass the tokenizer it was trained with")
+    settings = check_settings(cfg, given, pcfg, label)
+    if cfg.visualize:
+        if not pcfg.causal:
+            raise S.SeqganError(f"--visualize needs an AR prior (teacher forcing); {cfg.prior} is an NAR (MaskGIT) prior")
+        if not cfg.images:
+            raise S.SeqganError("--visualize needs --images FOLDER")
+        folder, pick, labels = visualize_inputs(cfg, pcfg, label, tcfg.image_size)
+    else:
+        cycle = torch.arange(cfg.n) % max(1, pcfg.n_classes)  # without --class, classes cycle over the samples
+        labels = torch.full((cfg.n,), label) if label is not None else cycle
+    out = cfg.out or os.path.join(os.path.dirname(cfg.prior), "visualize" if cfg.visualize else "samples")
+    if os.path.isdir(out) and any(f.endswith(".png") for f in os.listdir(out)):
+        # fid.py reads every image in the folder: stale samples would silently join the new ones
+        raise S.SeqganError(f"{out} already holds PNG files; empty it or choose another --out")
+
+    device = S.pick_device(cfg.device)
+    model, tok = model.to(device), tok.to(device)
+    phase = tok_ckpt["phase"]
+    print(f"prior {cfg.prior} ({'AR' if pcfg.causal else 'NAR'}, step {ckpt['step']}) | tokenizer {tok_path} | "
+          f"phase-{phase} decoder{' (block attention)' if tcfg.dec_attn else ''} | device {device}")
+    os.makedirs(out, exist_ok=True)
+    if cfg.visualize:
+        acc = visualize(model, tok, cfg, folder, pick, labels, out, device)
+        print(f"top-1 token accuracy of s' vs s: {acc:.4f} over {len(pick)} images x {pcfg.grid} tokens")
+        print(f"wrote {len(pick)} triptychs and visualize.png to {out}")
+        return
+    # cycling classes: a whole number of class cycles per row, so every column holds one class
+    nrow = pcfg.n_classes * max(1, 8 // pcfg.n_classes) if label is None and 0 < pcfg.n_classes <= 16 else 8
+    sample(model, tok, cfg, settings, labels, nrow, out, device)
+    # written last, so its presence marks a complete sample set; FID depends strongly on these settings
+    classes = "unconditional" if not pcfg.n_classes else "cycle" if label is None else "fixed"
+    record = {**asdict(cfg), **settings, "class": label, "classes": classes, "model": "ar" if pcfg.causal else "nar",
+              "prior": os.path.abspath(cfg.prior), "prior_step": ckpt["step"], "tokenizer": os.path.abspath(tok_path),
+              "decoder_phase": phase, "out": out}
+    with open(os.path.join(out, "sampling.json"), "w") as f:
+        json.dump(record, f, indent=2)
+    print(f"wrote {cfg.n} PNGs, grid.png and sampling.json to {out}")
+
+
+if __name__ == "__main__":
+    S.cli(main)

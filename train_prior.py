@@ -1,0 +1,354 @@
+"""
+Train a generative prior over the tokens of a frozen SeQ-GAN tokenizer: AR (causal, next token in
+raster order) or NAR (MaskGIT: bidirectional, masked tokens). The dataset is tokenized once and cached.
+
+  python train_prior.py --tokenizer out/tokenizer2/ckpt.pt --model ar      # CIFAR-10, 8x8 tokens, one GPU
+  python train_prior.py --tokenizer out/tokenizer2/ckpt.pt --model nar --token-cache out/tokens.pt
+  python train_prior.py --tokenizer out/ffhq/ckpt.pt --preset base --batch-size 256 --out out/ffhq_ar  # Table 8
+
+CPU smoke run on the tokenizer of train_tokenizer.py's smoke run (tokenizing Fashion-MNIST's 70k images
+takes a minute or two, once):
+  python train_prior.py --tokenizer out/tokenizer/ckpt.pt --n-layer 2 --n-head 4 --n-embd 64 \
+      --steps 40 --batch-size 16 --log-every 10 --eval-every 20
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, fields, replace
+
+import torch
+import torchvision
+from tqdm import tqdm
+
+import seqgan as S
+from seqgan import knob
+
+
+@dataclass
+class TrainConfig:
+    tokenizer: str = knob("", "the tokenizer's ckpt.pt (train_tokenizer.py); frozen, eval mode")
+    model: str = knob("ar", "ar (causal, next-token loss) or nar (bidirectional, MaskGIT loss)")
+    preset: str = knob("classroom", "prior shape: classroom (8 layers, d 256), base (Table 8, 172M), large (305M)")
+    uncond: bool = knob(False, "ignore the data's labels: an unconditional prior")
+    data: str = knob("", "'cifar10', 'fashion-mnist' or an image folder; default: the tokenizer's training data")
+    data_root: str = knob("", "where CIFAR-10 / Fashion-MNIST live; default: the tokenizer's")
+    token_cache: str = knob("", "file caching the tokenized data; default OUT/tokens.pt (share one between "
+                                "AR and NAR runs to tokenize once)")
+    out: str = knob("", "output folder for ckpt.pt, log.txt, tokens.pt and sample grids (default out/prior_MODEL)")
+    steps: int = knob(20000, "total training steps")
+    batch_size: int = knob(128, "token grids per step")
+    lr: float = knob(1e-4, "AdamW learning rate (paper: 1e-4, constant)")
+    weight_decay: float = knob(1e-2, "AdamW weight decay on matrices (paper: 1e-2); biases and norms get none")
+    grad_clip: float = knob(1.0, "clip the global gradient norm (0 = off)")
+    device: str = knob("auto", "auto (CUDA if present), cpu, cuda or cuda:N")
+    compile: bool = knob(False, "torch.compile the prior for training (slow start, faster steps)")
+    resume: bool = knob(False, "continue the run in --out from its ckpt.pt (same model flags)")
+    num_workers: int = knob(4, "data-loading processes while tokenizing an image folder")
+    log_every: int = knob(100, "steps between log lines")
+    eval_every: int = knob(2000, "steps between validation loss, a sample grid and a checkpoint")
+    eval_batches: int = knob(10, "validation batches averaged per evaluation")
+    peak_flops: float = knob(0.0, "peak FLOP/s of the accelerator for MFU; 0 = by GPU name (seqgan.PEAK_FLOPS)")
+    seed: int = knob(0, "random seed")
+
+
+# The PriorConfig fields that are flags. n_codes and grid come from the tokenizer, n_classes from the
+# data (or --uncond), causal from --model: a flag for them could only disagree with those.
+SHAPE = ("n_layer", "n_head", "n_embd", "dropout")
+# Flags that change what the prior is: a resumed run must keep them. (Another --tokenizer path is
+# fine if its encoder and codebook are the same: main() compares tokenizer_hash.)
+MODEL_FLAGS = ("model", "preset", "uncond") + SHAPE
+# TokenizerConfig fields that shape only the decoder (phase 2 changes them), so not the tokens.
+DECODER_FIELDS = ("dec_attn", "attn_heads", "attn_block", "feature_dim")
+# The periodic sample grid uses the paper's sampling settings (sample.py's defaults).
+AR_TOP_P, NAR_TEMPERATURE, NAR_STEPS = 0.98, 0.65, 12
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    S.add_config_args(p, TrainConfig)
+    group = p.add_argument_group("PriorConfig (defaults: the --preset)")
+    for f in fields(S.PriorConfig):
+        if f.name in SHAPE:
+            group.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=argparse.SUPPRESS,
+                               help=f"{f.metadata['help']} (classroom: {S.PRIOR_PRESETS['classroom'][f.name]})")
+    return p.parse_args(argv)
+
+
+def configure(args):
+    """Resolve (train config, prior shape, checkpoint to continue, tokenizer checkpoint). Each field comes
+    from, in rising priority: the dataclass default, the preset or the checkpoint being continued, the flags."""
+    given = vars(args)
+    model, preset = given.get("model", "ar"), given.get("preset", "classroom")
+    if model not in ("ar", "nar"):
+        raise S.SeqganError(f"--model must be ar or nar, not {model!r}")
+    if preset not in S.PRIOR_PRESETS:
+        raise S.SeqganError(f"unknown --preset {preset}; choose from {', '.join(S.PRIOR_PRESETS)}")
+    out = given.get("out") or f"out/prior_{model}"
+    ckpt_path = os.path.join(out, "ckpt.pt")
+    defaults, ckpt = dict(S.PRIOR_PRESETS[preset], out=out), None
+    if given.get("resume"):
+        ckpt = S.load_checkpoint(ckpt_path, "prior")
+        saved = {**ckpt["train_config"], **ckpt["model_config"]}
+        for name in MODEL_FLAGS:
+            if name in given and given[name] != saved[name]:
+                raise S.SeqganError(f"{ckpt_path} was trained with --{name.replace('_', '-')} {saved[name]}, not "
+                                    f"{given[name]}; drop the flag or start a new --out")
+        defaults = {**ckpt["train_config"], **{k: ckpt["model_config"][k] for k in SHAPE}}
+    elif os.path.exists(ckpt_path):
+        raise S.SeqganError(f"{ckpt_path} exists; pass --resume to continue it or choose another --out")
+    tc = S.config_from_args(TrainConfig, args, defaults)
+    shape = S.config_from_args(S.PriorConfig, args, defaults)  # n_codes, grid, n_classes, causal: set in main
+    if not tc.tokenizer:
+        raise S.SeqganError("train_prior.py needs --tokenizer CKPT (the ckpt.pt of a train_tokenizer.py run)")
+    if tc.steps < 1 or tc.batch_size < 1 or tc.eval_batches < 1:
+        raise S.SeqganError("--steps, --batch-size and --eval-batches must be at least 1")
+    if shape.n_embd % shape.n_head:
+        raise S.SeqganError(f"--n-embd {shape.n_embd} is not divisible by --n-head {shape.n_head}")
+    tok_ckpt = S.load_checkpoint(tc.tokenizer, "tokenizer")
+    # the data defaults to what the tokenizer was trained on
+    tc = replace(tc, data=tc.data or tok_ckpt["train_config"]["data"],
+                 data_root=tc.data_root or tok_ckpt["train_config"]["data_root"],
+                 token_cache=tc.token_cache or os.path.join(tc.out, "tokens.pt"))
+    return tc, shape, ckpt, tok_ckpt
+
+
+def tokenizer_hash(tok_ckpt):
+    """sha1 of what the tokens depend on: the tokenizer config, encoder and codebook. The decoder is left
+    out, so a phase-2 checkpoint (same encoder and codebook) shares the phase-1 tokens."""
+    config = {k: v for k, v in tok_ckpt["model_config"].items() if k not in DECODER_FIELDS}
+    h = hashlib.sha1(json.dumps(config, sort_keys=True).encode())
+    for k, v in sorted(S.clean_state_dict(tok_ckpt["model"]).items()):
+        if k.startswith(("encoder.", "quantizer.")):
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def split(tc, image_size):
+    """(train, val) datasets and the class count. Val is the test split of CIFAR-10 / Fashion-MNIST; for an
+    image folder, every 20th image in sorted order (5%, the same on every run, spread over class folders)."""
+    ds, n_classes = S.load_dataset(tc.data, tc.data_root, image_size, train=True)
+    if tc.data in ("cifar10", "fashion-mnist"):
+        return ds, S.load_dataset(tc.data, tc.data_root, image_size, train=False)[0], n_classes
+    val = [i for i in range(len(ds)) if i % 20 == 0]
+    train = [i for i in range(len(ds)) if i % 20 != 0]
+    return torch.utils.data.Subset(ds, train), torch.utils.data.Subset(ds, val), n_classes
+
+
+def data_fingerprint(train_ds, val_ds, tc):
+    """The data's identity: for a folder, every file's name, size and mtime; for the array datasets, name and sizes."""
+    folder = getattr(train_ds, "dataset", train_ds)
+    if not isinstance(folder, S.ImageFolder):
+        return f"{tc.data}: {len(train_ds)} train, {len(val_ds)} val"
+    h = hashlib.sha1(b"val = every 20th")
+    for p in folder.paths:
+        st = os.stat(p)
+        h.update(f"{os.path.relpath(p, tc.data)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def tokenize(tok, ds, tc, device, desc):
+    """Frozen tokenizer over a dataset in order -> (tokens (N, h*w) int16, labels (N,) int64).
+    fp32, no autocast: the codes are computed once, and bf16 could flip near-tie argmins."""
+    in_memory = tc.data in ("cifar10", "fashion-mnist")
+    loader = torch.utils.data.DataLoader(ds, tc.batch_size, shuffle=False,
+                                         num_workers=0 if in_memory else tc.num_workers)
+    dtype = torch.int16 if tok.cfg.n_codes <= 32768 else torch.int32  # half the memory of int32
+    tokens, labels = [], []
+    for x, y in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+        tokens.append(tok.tokenize(S.to_input(x, device, tok.cfg.image_size)).flatten(1).to("cpu", dtype))
+        labels.append(torch.as_tensor(y, dtype=torch.long))
+    return torch.cat(tokens), torch.cat(labels)
+
+
+def load_tokens(path, fingerprint, build, log):
+    """The token cache at path if its fingerprint matches, else build() it and write it atomically."""
+    if os.path.isfile(path):
+        try:
+            cache = S.load_checkpoint(path, "tokens")
+        except S.SeqganError as e:
+            log(f"token cache unusable ({e}); rebuilding it")
+        else:
+            if cache["fingerprint"] == fingerprint:
+                log(f"reusing token cache {path}")
+                return cache
+            changed = [k for k in fingerprint if cache["fingerprint"].get(k) != fingerprint[k]]
+            log(f"token cache {path} is stale ({', '.join(changed)} changed); rebuilding it")
+    log(f"tokenizing the data into {path}")
+    cache = dict(kind="tokens", fingerprint=fingerprint, **build())
+    S.save_checkpoint(path, cache)
+    return cache
+
+
+def prior_loss(model, idx, y, generator=None):
+    """AR: next-token cross-entropy; NAR: MaskGIT loss on masked tokens. -> (loss, token accuracy)."""
+    if model.cfg.causal:
+        return S.ar_loss(model, idx, y)
+    return S.maskgit_loss(model, idx, y, generator=generator)
+
+
+@torch.no_grad()
+def evaluate(model, val, val_y, tc, ctx):
+    """Mean loss and accuracy over the first eval_batches validation batches. The NAR masks come from a
+    fixed generator, so every evaluation scores the same masked inputs and the curve is comparable."""
+    model.eval()
+    g = torch.Generator(device=val.device).manual_seed(0)
+    total, n = torch.zeros(2, device=val.device), 0
+    for i in range(0, min(len(val), tc.eval_batches * tc.batch_size), tc.batch_size):
+        idx = val[i:i + tc.batch_size].long()
+        y = val_y[i:i + tc.batch_size] if model.cfg.n_classes else None
+        with ctx:
+            loss, acc = prior_loss(model, idx, y, g)
+        total += torch.stack([loss, acc]) * len(idx)
+        n += len(idx)
+    model.train()
+    return (total / n).tolist()
+
+
+@torch.no_grad()
+def save_samples(model, tok, tc, path, ctx):
+    """A grid of samples with the paper's sampling settings; conditional: one class per column."""
+    cfg, device = model.cfg, model.head.weight.device
+    nrow = cfg.n_classes * max(1, 8 // cfg.n_classes) if 0 < cfg.n_classes <= 16 else 8  # whole class cycles per row
+    n = 4 * nrow
+    y = torch.arange(n, device=device) % cfg.n_classes if cfg.n_classes else None
+    g = torch.Generator(device=device).manual_seed(tc.seed)  # the same draws every time: grids compare across steps
+    model.eval()
+    with ctx:
+        if cfg.causal:
+            idx = S.generate_ar(model, n, y, top_p=AR_TOP_P, generator=g)
+        else:
+            idx = S.generate_maskgit(model, n, y, steps=min(NAR_STEPS, cfg.grid), temperature=NAR_TEMPERATURE, generator=g)
+        x = tok.decode_indices(idx.view(n, tok.cfg.grid, tok.cfg.grid)).float()
+    model.train()
+    torchvision.utils.save_image(x, path, nrow=nrow, normalize=True, value_range=(-1, 1))
+
+
+def main(argv=None):
+    tc, shape, ckpt, tok_ckpt = configure(parse(argv))
+    device = S.pick_device(tc.device)
+    step = ckpt["step"] if ckpt is not None else 0
+    torch.manual_seed(tc.seed * 1_000_003 + step)  # dropout and NAR masks differ after a resume
+    ctx = S.autocast(device)
+
+    tok = S.load_tokenizer(tc.tokenizer, device)  # frozen, eval mode, and refuses one without a pixel decoder
+    train_ds, val_ds, n_classes = split(tc, tok.cfg.image_size)
+    cfg = replace(shape, n_codes=tok.cfg.n_codes, grid=tok.cfg.grid ** 2, n_classes=0 if tc.uncond else n_classes,
+                  causal=tc.model == "ar")
+    tok_hash = tokenizer_hash(tok_ckpt)
+    if ckpt is not None:
+        saved = S.PriorConfig(**ckpt["model_config"])
+        if (saved.n_codes, saved.grid) != (cfg.n_codes, cfg.grid):
+            raise S.SeqganError(f"tokenizer {tc.tokenizer} has {cfg.n_codes} codes and {cfg.grid} tokens per image, but "
+                                f"the prior was trained on {saved.n_codes} codes and {saved.grid} tokens")
+        if saved.n_classes != cfg.n_classes:
+            raise S.SeqganError(f"--data {tc.data} gives {cfg.n_classes} classes, but the prior was trained with "
+                                f"{saved.n_classes}; resume it on the same data")
+        if ckpt["tokenizer_hash"] != tok_hash:
+            raise S.SeqganError(f"tokenizer {tc.tokenizer} changed since the prior was trained (other encoder or "
+                                "codebook weights); start a new --out")
+    if len(train_ds) < tc.batch_size:
+        raise S.SeqganError(f"{tc.data} has {len(train_ds)} training images, fewer than --batch-size {tc.batch_size}")
+
+    os.makedirs(tc.out, exist_ok=True)
+    ckpt_path, log_path = os.path.join(tc.out, "ckpt.pt"), os.path.join(tc.out, "log.txt")
+
+    def log(line):
+        tqdm.write(line)
+        with open(log_path, "a") as f:
+            f.write(line + "\n")
+
+    def build():
+        train, train_y = tokenize(tok, train_ds, tc, device, "tokenizing train")
+        val, val_y = tokenize(tok, val_ds, tc, device, "tokenizing val")
+        return dict(train=train, train_labels=train_y, val=val, val_labels=val_y)
+
+    fingerprint = dict(tokenizer=tok_hash, data=data_fingerprint(train_ds, val_ds, tc))
+    tokens = load_tokens(tc.token_cache, fingerprint, build, log)
+    # The whole token set lives on the device (CIFAR-10: 6 MB; ImageNet at 16x16: 0.7 GB) and each step
+    # indexes a random batch out of it, as nanoGPT's get_batch does: no DataLoader in the loop.
+    train, train_y = tokens["train"].to(device), tokens["train_labels"].to(device)
+    val, val_y = tokens["val"].to(device), tokens["val_labels"].to(device)
+
+    model = S.Prior(cfg).to(device)
+    # Weight decay on matrices (linear weights and embeddings) only, not on biases and LayerNorms (nanoGPT).
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    fused = dict(fused=True) if device.type == "cuda" else {}
+    opt = torch.optim.AdamW([dict(params=decay, weight_decay=tc.weight_decay), dict(params=no_decay, weight_decay=0.0)],
+                            lr=tc.lr, betas=(0.9, 0.96), **fused)
+    best_val = float("inf")
+    if ckpt is not None:
+        model.load_state_dict(S.clean_state_dict(ckpt["model"]))
+        opt.load_state_dict(ckpt["optimizer"])
+        best_val = ckpt["best_val_loss"]
+    for group, wd in zip(opt.param_groups, (tc.weight_decay, 0.0)):  # flags win over the resumed optimizer's
+        group["lr"], group["weight_decay"] = tc.lr, wd
+    g_model = torch.compile(model) if tc.compile else model
+
+    flops_per_token = S.estimate_flops_per_token(cfg)
+    peak = S.peak_flops(device, tc.peak_flops)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    log(f"{tc.model.upper()} prior {S.count_params(model) / 1e6:.2f}M ({cfg.n_layer} layers, d {cfg.n_embd}, "
+        f"{cfg.n_head} heads) | {tc.data}: {len(train)} train / {len(val)} val grids of {cfg.grid} tokens, "
+        f"K={cfg.n_codes}, {cfg.n_classes or 'no'} classes | device {device} | start step {step} | "
+        f"chance loss ln K = {math.log(cfg.n_codes):.3f}")
+    log(f"MFU against a peak of {peak / 1e12:.0f} TFLOP/s ({'--peak-flops' if tc.peak_flops else 'dense bf16, ' + gpu})"
+        if peak else f"MFU n/a: no peak FLOP/s known for {gpu}; pass --peak-flops")
+    log(f"config: {asdict(tc)} {asdict(cfg)} | tokenizer phase {tok_ckpt['phase']}")
+
+    def save():
+        S.save_checkpoint(ckpt_path, dict(kind="prior", step=step, best_val_loss=best_val, model_config=asdict(cfg),
+                                          train_config=asdict(tc), tokenizer=os.path.abspath(tc.tokenizer),
+                                          tokenizer_hash=tok_hash, model=model.state_dict(), optimizer=opt.state_dict()))
+
+    # The batch order is seeded from (seed, start step), so a resumed run does not replay the first batches.
+    # The generator lives on the device: drawing the indices there needs no host-to-device copy per step.
+    data_g = torch.Generator(device=device).manual_seed(tc.seed * 1_000_003 + step)
+    sums = torch.zeros(3, device=device)  # loss, accuracy, grad norm: summed on the device, read back at log time
+    n_acc, t0, zero = 0, time.time(), torch.zeros((), device=device)
+    # the with-block closes the bar on an error too, so the error line stands on its own
+    with tqdm(total=tc.steps, initial=step, desc=f"{tc.model} prior", dynamic_ncols=True) as bar:
+        while step < tc.steps:
+            ix = torch.randint(len(train), (tc.batch_size,), device=device, generator=data_g)
+            idx, y = train[ix].long(), train_y[ix] if cfg.n_classes else None
+            with ctx:
+                loss, acc = prior_loss(g_model, idx, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip) if tc.grad_clip > 0 else zero
+            opt.step()
+            sums += torch.stack([loss.detach(), acc.detach(), gnorm.float()])
+            n_acc += 1
+            step += 1
+            bar.update(1)
+
+            if step % tc.log_every == 0 or step == tc.steps:
+                l, a, gn = (sums / n_acc).tolist()  # the one host sync of the interval
+                if not (math.isfinite(l) and math.isfinite(gn)):
+                    raise S.SeqganError(f"non-finite loss at step {step}: loss={l:.4g}, grad norm={gn:.4g}; lower --lr "
+                                        f"(now {tc.lr}). Last good checkpoint: {ckpt_path}")
+                tps = n_acc * tc.batch_size * cfg.grid / (time.time() - t0)
+                mfu = f"{flops_per_token * tps / peak:.1%}" if peak else "n/a"
+                log(f"step {step} | loss {l:.4f} acc {a:.3f} | grad norm {gn:.3f} | lr {tc.lr:.1e} | "
+                    f"{tps:,.0f} tok/s | MFU {mfu}")
+                bar.set_postfix(loss=f"{l:.3f}", acc=f"{a:.3f}")
+                sums.zero_()
+                n_acc, t0 = 0, time.time()
+
+            if step % tc.eval_every == 0 or step == tc.steps:
+                vl, va = evaluate(model, val, val_y, tc, ctx)
+                best_val = min(best_val, vl)
+                log(f"eval step {step} | val loss {vl:.4f} acc {va:.3f} | best {best_val:.4f}")
+                save_samples(model, tok, tc, os.path.join(tc.out, f"samples_{step:07d}.png"), ctx)
+                save()
+                t0 = time.time()
+    log(f"done: {ckpt_path}")
+
+
+if __name__ == "__main__":
+    S.cli(main)
