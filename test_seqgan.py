@@ -1502,6 +1502,54 @@ def test_errors_are_one_line_and_exit_2_from_the_command_line(ar_run, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("objective", ["regvq", "vqkd"])
+def test_each_objective_runs_phase1_phase2_prior_and_sampling(objective, prior_images, tmp_path):
+    """Reg-VQ and VQ-KD are switches of the same scripts: phase 1, phase 2 (VQ-KD: first pixel decoder,
+    encoder and codebook bit-identical), train_prior.py, sample.py and --visualize all run unchanged."""
+    p1, p2, prior, samples = (str(tmp_path / d) for d in ("p1", "p2", "prior", "samples"))
+    train_tokenizer.main(TINY + ["--objective", objective, "--data", prior_images, "--steps", "2", "--gan-start", "1",
+                                 "--out", p1])
+    ck1 = S.load_checkpoint(os.path.join(p1, "ckpt.pt"), "tokenizer")
+    assert ck1["model_config"]["objective"] == objective
+    if objective == "vqkd":
+        assert ck1["model_config"]["feature_dim"] == 512 and ck1["model_config"]["cosine_codebook"]
+        assert ck1["model"]["decoder.conv_out.weight"].shape[0] == 512  # decodes features, not 3 colours
+        with pytest.raises(S.SeqganError, match="no pixel decoder yet; run train_tokenizer.py --phase 2"):
+            S.load_tokenizer(os.path.join(p1, "ckpt.pt"))
+    else:
+        assert ck1["model_config"]["mask_ratio"] == 0.4 and ck1["loss_config"]["pcl_weight"] > 0
+    train_tokenizer.main(["--phase", "2", "--init", os.path.join(p1, "ckpt.pt"), "--steps", "2", "--out", p2,
+                          "--attn-heads", "2", "--log-every", "2", "--eval-every", "2"])
+    ck2 = S.load_checkpoint(os.path.join(p2, "ckpt.pt"), "tokenizer")
+    for k, v in ck1["model"].items():
+        if k.startswith(("encoder.", "quantizer.")):
+            assert torch.equal(v, ck2["model"][k]), k
+    train_prior.main(TINY_PRIOR + ["--tokenizer", os.path.join(p2, "ckpt.pt"), "--steps", "2", "--out", prior])
+    sample.main(["--prior", os.path.join(prior, "ckpt.pt"), "--n", "3", "--out", samples, "--device", "cpu"])
+    assert sorted(f for f in os.listdir(samples) if f[0].isdigit()) == ["000000.png", "000001.png", "000002.png"]
+    sample.main(["--prior", os.path.join(prior, "ckpt.pt"), "--visualize", "--images", prior_images, "--n", "2",
+                 "--out", str(tmp_path / "vis"), "--device", "cpu"])
+    assert os.path.isfile(tmp_path / "vis" / "visualize.png")
+
+
+def test_vqkd_phase1_checkpoint_is_refused_where_pixels_are_needed(prior_images, ar_run, tmp_path):
+    """A VQ-KD phase-1 tokenizer has no pixel decoder: sample.py says to run phase 2; and phase 2 of
+    VQ-KD needs a VQ-KD phase-1 checkpoint."""
+    p1 = str(tmp_path / "p1")
+    train_tokenizer.main(TINY + ["--objective", "vqkd", "--data", prior_images, "--steps", "1", "--out", p1])
+    with pytest.raises(S.SeqganError, match="VQ-KD phase-1 tokenizer: it has no pixel decoder"):
+        sample.main(["--prior", os.path.join(ar_run, "ckpt.pt"), "--tokenizer", os.path.join(p1, "ckpt.pt"),
+                     "--out", str(tmp_path / "s"), "--device", "cpu"])
+    with pytest.raises(S.SeqganError, match="VQ-KD phase-1 tokenizer"):
+        sample.main(["--prior", os.path.join(ar_run, "ckpt.pt"), "--tokenizer", os.path.join(p1, "ckpt.pt"),
+                     "--visualize", "--images", prior_images, "--out", str(tmp_path / "v"), "--device", "cpu"])
+    other = str(tmp_path / "seqgan")
+    train_tokenizer.main(TINY + ["--data", prior_images, "--steps", "1", "--out", other])
+    with pytest.raises(S.SeqganError, match="has --objective seqgan, not vqkd"):
+        train_tokenizer.main(["--phase", "2", "--objective", "vqkd", "--init", os.path.join(other, "ckpt.pt"),
+                              "--out", str(tmp_path / "p2")])
+
+
 # -----------------------------------------------------------------------------
 # bad input: one clear line, non-zero exit, nothing overwritten
 
