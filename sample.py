@@ -78,16 +78,6 @@ def check_settings(cfg, given, pcfg, label):
                 choice_temperature=cfg.choice_temperature)
 
 
-def load_prior(ckpt):
-    """Rebuild the prior from its checkpoint dict (config + weights)."""
-    try:
-        model = S.Prior(S.PriorConfig(**ckpt["model_config"]))
-        model.load_state_dict(S.clean_state_dict(ckpt["model"]))
-    except (TypeError, KeyError, RuntimeError) as e:
-        raise S.SeqganError(f"prior checkpoint does not match this code's Prior ({str(e).splitlines()[0]})") from None
-    return model.eval().requires_grad_(False)
-
-
 def to_uint8(x):
     """Images (B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, rounded as torchvision's save_image rounds."""
     return ((x.float().clamp(-1, 1) + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
@@ -169,7 +159,7 @@ def main(argv=None):
     if not cfg.prior:
         raise S.SeqganError("sample.py needs --prior CKPT (the ckpt.pt of a train_prior.py run)")
     ckpt = S.load_checkpoint(cfg.prior, "prior")
-    model = load_prior(ckpt)
+    model = S.load_prior(ckpt)
     pcfg = model.cfg
     tok_path = cfg.tokenizer or ckpt["tokenizer"]
     if not cfg.tokenizer and not os.path.isfile(tok_path):

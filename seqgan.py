@@ -1155,3 +1155,13 @@ def load_tokenizer(path, device="cpu"):
         raise SeqganError(f"{path} is a VQ-KD phase-1 tokenizer: it has no pixel decoder yet; run "
                           f"train_tokenizer.py --phase 2 --init {path} first")
     return tok.to(device).eval().requires_grad_(False)
+
+
+def load_prior(ckpt):
+    """Rebuild a Prior from its checkpoint dict (config + weights), frozen and in eval mode."""
+    try:
+        model = Prior(PriorConfig(**ckpt["model_config"]))
+        model.load_state_dict(clean_state_dict(ckpt["model"]))
+    except (TypeError, KeyError, RuntimeError) as e:
+        raise SeqganError(f"prior checkpoint does not match this code's Prior ({str(e).splitlines()[0]})") from None
+    return model.eval().requires_grad_(False)
