@@ -628,6 +628,22 @@ def test_tiny_prior_overfits_a_fixed_batch(causal):
     assert end < (0.1 if causal else 0.5 * math.log(K)), losses
 
 
+def test_compiled_and_eager_paths_agree():
+    """--compile changes speed, not the maths: torch.compile'd prior and tokenizer give the eager outputs
+    (the same code indices; values to float tolerance). Slow on CPU (compilation), kept tiny."""
+    torch.manual_seed(0)
+    cfg = S.PriorConfig(n_codes=16, grid=12, n_classes=3, n_layer=1, n_head=2, n_embd=32, dropout=0.0)
+    prior = S.Prior(cfg).eval()
+    idx, y = torch.randint(0, 16, (2, 12)), torch.tensor([0, 2])
+    tok = S.Tokenizer(S.TokenizerConfig(channels=16, n_codes=32, code_dim=8)).eval()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.allclose(prior(idx, y), torch.compile(prior)(idx, y), atol=1e-5)
+        eager, compiled = tok(x), torch.compile(tok)(x)
+    assert torch.equal(eager[1], compiled[1])
+    assert torch.allclose(eager[0], compiled[0], atol=1e-3)
+
+
 # -----------------------------------------------------------------------------
 # fid.py: FID, Inception Score, reconstruction metrics
 
