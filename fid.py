@@ -5,6 +5,7 @@ FID, Inception Score and tokenizer reconstruction metrics, computed as pytorch-f
   python fid.py real/ --save-stats real.npz             # cache statistics, then: python fid.py real.npz samples/
   python fid.py samples/ --is                           # Inception Score, 10 splits
   python fid.py --recon out/tokenizer/ckpt.pt --images val/   # rFID, PSNR and codebook usage
+  torchrun --standalone --nproc_per_node=8 fid.py real/ samples/   # 8 GPUs: each a shard, the same numbers
 
 FID (Heusel et al. 2017, arXiv:1706.08500) is the Frechet distance between Gaussians fitted to the
 2048-d pool3 features of the Inception-v3 graph the TensorFlow reference (TTUR) uses, here in
@@ -27,6 +28,7 @@ import numpy as np
 import scipy.linalg
 import scipy.special
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 from torchvision.models.inception import Inception3, InceptionA, InceptionC, InceptionE
@@ -141,8 +143,9 @@ def load_inception(weights=None, device="cpu"):
     """The FID Inception, frozen, in eval mode. weights: None (pytorch-fid's file, downloaded once into the
     torch hub cache), a path to that file, or "random" (seeded random init, for tests only)."""
     if weights == "random":
-        print("WARNING: the Inception network has RANDOM weights (--inception-weights random): "
-              "FID and IS numbers are MEANINGLESS", file=sys.stderr)
+        if S.is_master():
+            print("WARNING: the Inception network has RANDOM weights (--inception-weights random): "
+                  "FID and IS numbers are MEANINGLESS", file=sys.stderr)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # the same network every run, so saved statistics still compare
             model = InceptionFID()
@@ -229,26 +232,44 @@ def to_unit(x, device):
 
 def report_speed(what, n, t0):
     dt = time.time() - t0  # decoding included: the number a user waits for
-    print(f"{what}: {n} images in {dt:.1f}s ({n / dt:.1f} images/s)")
+    if S.is_master():
+        print(f"{what}: {n} images in {dt:.1f}s ({n / dt:.1f} images/s)")
+
+
+def my_shard(items):
+    """Under torchrun, this rank's contiguous share of a list (in rank order they make up the list again);
+    the whole list otherwise. Every rank needs at least one item, so that all of them gather rows."""
+    if not dist.is_initialized():
+        return items
+    world = dist.get_world_size()
+    if len(items) < world:
+        raise SeqganError(f"{len(items)} images for {world} processes: run fid.py with at most "
+                          f"{len(items)} processes (or without torchrun)")
+    return [items[i] for i in S.shard(len(items), dist.get_rank(), world)]
 
 
 @torch.no_grad()
 def compute_features(model, images, device, batch_size=50, num_workers=NUM_WORKERS):
     """pool3 features (N, 2048) and IS logits (N, 1008), float64 numpy, of `images`: a list of image
-    paths, or any iterable of (B, 3, H, W) batches, uint8 or float in [0, 1] (e.g. generated samples)."""
+    paths, or any iterable of (B, 3, H, W) batches, uint8 or float in [0, 1] (e.g. generated samples).
+    Under torchrun a list of paths is split across the ranks, and every rank gets all N rows back, in order."""
     device = torch.device(device)
-    if isinstance(images, (list, tuple)) and all(isinstance(p, str) for p in images):
-        images = loader(ImageFiles(images), batch_size, num_workers, device, collate)
+    paths = isinstance(images, (list, tuple)) and all(isinstance(p, str) for p in images)
+    if paths:
+        images = loader(ImageFiles(my_shard(images)), batch_size, num_workers, device, collate)
     feats, logits, t0 = [], [], time.time()
     with fp32(device):
-        for x in tqdm(images, unit="batch", desc="inception", leave=False):
+        for x in tqdm(images, unit="batch", desc="inception", leave=False, disable=not S.is_master()):
             x = x[0] if isinstance(x, (list, tuple)) else x  # (images, labels) batches
             f, l = model(to_unit(x, device))
             feats.append(f)  # kept on the device: no host sync per batch
             logits.append(l)
     if not feats:
         raise SeqganError("no images to compute Inception features of")
-    feats, logits = torch.cat(feats).double().cpu().numpy(), torch.cat(logits).double().cpu().numpy()
+    feats, logits = torch.cat(feats), torch.cat(logits)
+    if paths:  # the ranks' rows, gathered in rank order: the N images in the order of the list
+        feats, logits = S.gather_rows(feats), S.gather_rows(logits)
+    feats, logits = feats.double().cpu().numpy(), logits.double().cpu().numpy()
     report_speed("inception", len(feats), t0)
     return feats, logits
 
@@ -354,14 +375,18 @@ def fid_from_folders(path1, path2, model, device, batch_size=50, num_workers=NUM
 @torch.no_grad()
 def recon_metrics(tok, folder, model, device, batch_size=50, num_workers=NUM_WORKERS):
     """rFID (originals vs reconstructions, both at the tokenizer's size), PSNR, and codebook usage counted
-    over the whole pass (perplexity from the same counts) of a tokenizer on an image folder, in one pass."""
+    over the whole pass (perplexity from the same counts) of a tokenizer on an image folder, in one pass.
+    Under torchrun every rank takes a shard of the images, and rank 0 gets the result (the others None)."""
     device, K = torch.device(device), tok.cfg.n_codes
-    # seqgan's ImageFolder prepares images as in training: shorter side to image_size, centre crop
-    data = loader(S.ImageFolder(folder, tok.cfg.image_size), batch_size, num_workers, device)
+    # seqgan's ImageFolder prepares images as in training: shorter side to image_size, centre crop;
+    # under torchrun each rank takes a contiguous shard, and the sums and features are gathered below
+    images = S.ImageFolder(folder, tok.cfg.image_size)
+    images = torch.utils.data.Subset(images, my_shard(list(range(len(images)))))
+    data = loader(images, batch_size, num_workers, device)
     real, fake, psnr_sum, n, t0 = [], [], 0.0, 0, time.time()
     counts = torch.zeros(K, dtype=torch.long, device=device)
     with fp32(device):
-        for x, _ in tqdm(data, unit="batch", desc="reconstruct", leave=False):
+        for x, _ in tqdm(data, unit="batch", desc="reconstruct", leave=False, disable=not S.is_master()):
             x = 2 * to_unit(x, device) - 1  # (B, 3, S, S) in [-1, 1]
             x_hat, idx, _ = tok(x)
             x_hat = x_hat.float().clamp(-1, 1)
@@ -370,8 +395,14 @@ def recon_metrics(tok, folder, model, device, batch_size=50, num_workers=NUM_WOR
             psnr_sum = psnr_sum + S.psnr(x_hat, x) * len(x)  # a tensor: no host sync per batch
             S.count_codes(counts, idx)
             n += len(x)
+    n = int(S.all_reduce_sum(torch.tensor(n, device=device)))
+    psnr_sum = S.all_reduce_sum(torch.as_tensor(psnr_sum, device=device, dtype=torch.float32))
+    S.all_reduce_sum(counts)
+    real, fake = (S.gather_rows(torch.cat(f)) for f in (real, fake))
     report_speed("reconstruct + inception", n, t0)
-    real, fake = (compute_stats(torch.cat(f).double().cpu().numpy(), model.fingerprint) for f in (real, fake))
+    if not S.is_master():
+        return None  # under torchrun rank 0 alone fits the statistics and reports
+    real, fake = (compute_stats(f.double().cpu().numpy(), model.fingerprint) for f in (real, fake))
     usage, perplexity = S.codebook_usage(counts)
     used = int((counts > 0).sum())
     if used < 0.1 * K:
@@ -394,7 +425,10 @@ def main(argv=None):
     p.add_argument("--recon", metavar="CKPT", help="tokenizer checkpoint: rFID, PSNR and codebook usage on --images")
     p.add_argument("--images", metavar="FOLDER", help="validation image folder for --recon")
     p.add_argument("--batch-size", type=int, default=50, help="images per Inception forward (default: 50)")
-    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N; under torchrun "
+                                                    "cuda:LOCAL_RANK (default: auto)")
+    p.add_argument("--backend", default="auto", help="torch.distributed backend under torchrun: auto (nccl on GPUs, "
+                                                     "gloo on CPU), nccl or gloo (default: auto)")
     p.add_argument("--num-workers", type=int, default=NUM_WORKERS,
                    help="DataLoader processes decoding images; 0 decodes in the main process (default: %(default)s)")
     p.add_argument("--inception-weights", metavar="PATH", help=f"{WEIGHTS_FILE} to use (default: download it into "
@@ -405,13 +439,19 @@ def main(argv=None):
     if not ok:
         raise SeqganError("use: fid.py A B | fid.py FOLDER --save-stats OUT.npz and/or --is | "
                           "fid.py --recon CKPT --images FOLDER (see --help)")
-    device = S.pick_device(args.device)
+    # Under torchrun each rank computes the features of its shard of the images; they are gathered in
+    # order, and rank 0 alone prints and writes, so the numbers are those of a one-process run.
+    _, _, _, _, device = S.setup_distributed(args.device, args.backend)
+    master = S.is_master()
     kw = dict(batch_size=args.batch_size, num_workers=args.num_workers)
 
     if args.recon:
         tok = S.load_tokenizer(args.recon, device)
         S.list_images(args.images)  # a bad folder fails before the Inception weights load
         r = recon_metrics(tok, args.images, load_inception(args.inception_weights, device), device, **kw)
+        S.teardown()
+        if not master:
+            return {}
         print(f"rFID {r['rfid']:.4f}  PSNR {r['psnr']:.2f} dB  codebook usage {r['codes_used']}/{r['n_codes']} "
               f"({r['usage']:.1%}), perplexity {r['perplexity']:.1f}  (N={r['n']} {args.images})")
         return r
@@ -421,7 +461,12 @@ def main(argv=None):
                 load_stats(path)
             else:
                 S.list_images(path)
-        score, n1, n2 = fid_from_folders(*args.paths, load_inception(args.inception_weights, device), device, **kw)
+        model = load_inception(args.inception_weights, device)
+        s1, s2 = (stats_for(p, model, device, **kw) for p in args.paths)  # every rank: the features are gathered
+        S.teardown()
+        if not master:
+            return {}
+        score, n1, n2 = fid_from_stats(s1, s2), s1["n"], s2["n"]
         print(f"FID {score:.4f}  (N={n1 or '?'} {args.paths[0]}, N={n2 or '?'} {args.paths[1]})")
         return dict(fid=score, n=(n1, n2))
     folder, result = args.paths[0], {}
@@ -430,6 +475,9 @@ def main(argv=None):
     paths = S.list_images(folder)
     model = load_inception(args.inception_weights, device)
     feats, logits = compute_features(model, paths, device, **kw)
+    S.teardown()
+    if not master:
+        return result
     if args.save_stats:
         stats = compute_stats(feats, model.fingerprint)
         os.makedirs(os.path.dirname(args.save_stats) or ".", exist_ok=True)

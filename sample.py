@@ -5,6 +5,7 @@ from the true tokens of real images (paper Fig. 4: input | reconstruction | teac
   python sample.py --prior out/prior_ar/ckpt.pt --n 10000        # -> out/prior_ar/samples/000000.png ...
   python sample.py --prior out/prior_nar/ckpt.pt --n 64 --class 3 --temperature 0.45 --out out/class3
   python sample.py --prior out/prior_ar/ckpt.pt --visualize --images data/val_images --n 16
+  torchrun --standalone --nproc_per_node=8 sample.py --prior out/prior_ar/ckpt.pt --n-images 50000  # 8 GPUs
 
 Then: python fid.py real_images/ out/prior_ar/samples/
 """
@@ -14,6 +15,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 import torchvision
 from PIL import Image
@@ -30,14 +32,16 @@ class SampleConfig:
                               "whatever it holds (phase 2: the attention decoder)")
     out: str = knob("", "output folder; default: samples/ (or visualize/) beside the prior's ckpt.pt")
     n: int = knob(64, "images to generate (--visualize: input images to show, at most)")
-    batch_size: int = knob(64, "images per batch; batch i draws from a generator seeded by (seed, its first index)")
+    batch_size: int = knob(64, "images per batch (per GPU); image i draws from its own generator seeded by (seed, i)")
     temperature: float = knob(0.0, "softmax temperature; 0 = paper: 1.0 AR, 0.65 NAR (0.45 on ImageNet)")
     top_k: int = knob(0, "AR only: keep the k most likely tokens (0 = all)")
     top_p: float = knob(0.0, "AR only: nucleus mass; 0 = paper: 0.98 (0.92 on ImageNet)")
     steps: int = knob(12, "NAR only: MaskGIT decoding steps")
     choice_temperature: float = knob(4.5, "NAR only: scale of the Gumbel noise on confidences, annealed to 0")
     seed: int = knob(0, "random seed")
-    device: str = knob("auto", "auto (CUDA if present), cpu, cuda or cuda:N")
+    device: str = knob("auto", "auto (CUDA if present), cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)")
+    backend: str = knob("auto", "torch.distributed backend under torchrun: auto (nccl on GPUs, gloo on CPU), "
+                                "nccl or gloo")
     visualize: bool = knob(False, "Fig. 4 triptychs of --images instead of samples (AR prior only)")
     images: str = knob("", "--visualize: folder of images; class subfolders give the labels")
 
@@ -51,6 +55,10 @@ def parse(argv):
     # `class` is a Python keyword, so this one flag is not a SampleConfig field
     p.add_argument("--class", dest="label", type=int, default=None,
                    help="class of every image (conditional priors); default: classes cycle 0, 1, ..")
+    # torchrun's own parser reads `--n` after the script name as an abbreviation of its --nnodes /
+    # --nproc-per-node (ambiguous option); the same setting under a name it leaves alone:
+    p.add_argument("--n-images", dest="n", type=int, default=argparse.SUPPRESS, help="the same as --n; use it "
+                                                                                     "under torchrun")
     return p.parse_args(argv)
 
 
@@ -84,29 +92,35 @@ def to_uint8(x):
 
 
 @torch.no_grad()
-def sample(model, tok, cfg, settings, labels, nrow, out, device):
-    """Write cfg.n samples as out/000000.png, ... and the first (up to 64, whole rows) as out/grid.png."""
+def sample(model, tok, cfg, settings, labels, nrow, out, device, rank=0, world=1):
+    """Write cfg.n samples as out/000000.png, ... and the first (up to 64, whole rows) as out/grid.png.
+
+    Image i draws from its own generator, seeded by (seed, i), so it does not depend on which batch or
+    GPU makes it. Under torchrun each rank makes a contiguous run of whole batches: every batch holds
+    the same images as in a one-process run with the same --batch-size, so the PNGs are the same."""
     ctx, pcfg, side = S.autocast(device), model.cfg, tok.cfg.grid
-    first, n_grid = [], nrow * max(1, 64 // nrow)
-    for start in tqdm(range(0, cfg.n, cfg.batch_size), desc="sampling", dynamic_ncols=True):
+    starts = range(0, cfg.n, cfg.batch_size)
+    mine = [starts[k] for k in S.shard(len(starts), rank, world)]
+    for start in tqdm(mine, desc="sampling", dynamic_ncols=True, disable=rank != 0):
         b = min(cfg.batch_size, cfg.n - start)
         y = labels[start:start + b].to(device) if pcfg.n_classes else None
-        # One generator per batch, seeded by (seed, index of its first image): the same seed and batch
-        # size give the same images, and no two batches share random draws.
-        g = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + start)
+        gens = [torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + i) for i in range(start, start + b)]
         with ctx:
             if pcfg.causal:
-                idx = S.generate_ar(model, b, y, settings["temperature"], settings["top_k"], settings["top_p"], generator=g)
+                idx = S.generate_ar(model, b, y, settings["temperature"], settings["top_k"], settings["top_p"],
+                                    generator=gens)
             else:
                 idx = S.generate_maskgit(model, b, y, settings["steps"], settings["temperature"],
-                                         settings["choice_temperature"], generator=g)
+                                         settings["choice_temperature"], generator=gens)
             x = tok.decode_indices(idx.view(b, side, side)).float()
         for i, img in enumerate(to_uint8(x)):
             Image.fromarray(img).save(os.path.join(out, f"{start + i:06d}.png"))
-        first.append(x[:max(0, n_grid - start)].cpu())  # empty once the grid is full
-    grid = torch.cat(first)
-    torchvision.utils.save_image(grid, os.path.join(out, "grid.png"), nrow=min(nrow, len(grid)),
-                                 normalize=True, value_range=(-1, 1))
+    S.barrier()  # every rank's PNGs are on disk before rank 0 reads the first ones back for the grid
+    if rank == 0:
+        n_grid = min(cfg.n, nrow * max(1, 64 // nrow))
+        grid = torch.stack([torch.from_numpy(np.array(Image.open(os.path.join(out, f"{i:06d}.png"))))
+                            for i in range(n_grid)])  # (n, H, W, 3) uint8
+        torchvision.utils.save_image(grid.permute(0, 3, 1, 2) / 255, os.path.join(out, "grid.png"), nrow=min(nrow, n_grid))
 
 
 @torch.no_grad()
@@ -186,20 +200,30 @@ def main(argv=None):
         # fid.py reads every image in the folder: stale samples would silently join the new ones
         raise S.SeqganError(f"{out} already holds PNG files; empty it or choose another --out")
 
-    device = S.pick_device(cfg.device)
+    # Every check above runs on every rank before any rank joins the process group (a rendezvous of all
+    # ranks), so no rank writes into `out` before all have checked it.
+    ddp, rank, _, world, device = S.setup_distributed(cfg.device, cfg.backend)
+    master = rank == 0
     model, tok = model.to(device), tok.to(device)
     phase = tok_ckpt["phase"]
-    print(f"prior {cfg.prior} ({'AR' if pcfg.causal else 'NAR'}, step {ckpt['step']}) | tokenizer {tok_path} | "
-          f"phase-{phase} decoder{' (block attention)' if tcfg.dec_attn else ''} | device {device}")
+    if master:
+        print(f"prior {cfg.prior} ({'AR' if pcfg.causal else 'NAR'}, step {ckpt['step']}) | tokenizer {tok_path} | "
+              f"phase-{phase} decoder{' (block attention)' if tcfg.dec_attn else ''} | device {device}"
+              + (f" x {world} processes" if ddp else ""))
     os.makedirs(out, exist_ok=True)
-    if cfg.visualize:
-        acc = visualize(model, tok, cfg, folder, pick, labels, out, device)
-        print(f"top-1 token accuracy of s' vs s: {acc:.4f} over {len(pick)} images x {pcfg.grid} tokens")
-        print(f"wrote {len(pick)} triptychs and visualize.png to {out}")
+    if cfg.visualize:  # a few images: rank 0 alone
+        if master:
+            acc = visualize(model, tok, cfg, folder, pick, labels, out, device)
+            print(f"top-1 token accuracy of s' vs s: {acc:.4f} over {len(pick)} images x {pcfg.grid} tokens")
+            print(f"wrote {len(pick)} triptychs and visualize.png to {out}")
+        S.teardown()
         return
     # cycling classes: a whole number of class cycles per row, so every column holds one class
     nrow = pcfg.n_classes * max(1, 8 // pcfg.n_classes) if label is None and 0 < pcfg.n_classes <= 16 else 8
-    sample(model, tok, cfg, settings, labels, nrow, out, device)
+    sample(model, tok, cfg, settings, labels, nrow, out, device, rank, world)
+    if not master:
+        S.teardown()
+        return
     # written last, so its presence marks a complete sample set; FID depends strongly on these settings
     classes = "unconditional" if not pcfg.n_classes else "cycle" if label is None else "fixed"
     record = {**asdict(cfg), **settings, "class": label, "classes": classes, "model": "ar" if pcfg.causal else "nar",
@@ -208,6 +232,7 @@ def main(argv=None):
     with open(os.path.join(out, "sampling.json"), "w") as f:
         json.dump(record, f, indent=2)
     print(f"wrote {cfg.n} PNGs, grid.png and sampling.json to {out}")
+    S.teardown()
 
 
 if __name__ == "__main__":

@@ -20,13 +20,22 @@ Paper map (equation -> code -> test in test_seqgan.py):
   Tab. 7 encoder / decoder          Encoder, Decoder          test_paper_preset_matches_table7_size
   3.3    block-regional + dilated attention  BlockAttention  test_block_attention_equals_masked_reference
   GAN    StyleGAN2 D, softplus, lazy R1      Discriminator   test_d_step_leaves_generator_grads_untouched
+  Tab. 8 AR / NAR prior             Prior, ar_loss, maskgit_loss   test_ar_output_at_i_ignores_later_tokens_and_sees_earlier_ones
+         AR sampling, KV cache      generate_ar               test_cached_and_uncached_ar_sampling_give_identical_tokens
+         MaskGIT decoding           generate_maskgit          test_maskgit_decoding_follows_schedule_and_never_changes_fixed_tokens
+  Fig. 4 teacher-forced top-1       teacher_forced_prediction test_teacher_forced_prediction_is_next_token_argmax_given_the_true_prefix
+Related objectives (--objective regvq | vqkd), the same code paths:
+  Reg-VQ KL(P || uniform)           VectorQuantizer (kl_uniform)  test_regvq_prior_kl_is_log_k_minus_entropy_and_the_same_gradient_as_seqgan
+  Reg-VQ stochastic mask, PCL       VectorQuantizer (mask_ratio), pcl_loss   test_mask_ratio_one_samples_from_softmax_of_minus_distance
+  VQ-KD feature distillation        FeatureDecoder, feature_kd_loss          test_vqkd_phase1_has_no_pixel_decoder_and_learns_a_toy_teacher
 
-Sections, in dependency order: errors and small helpers, configs, building blocks,
-quantizer, encoder/decoder/tokenizer, perceptual loss, discriminator, data,
-checkpoints.
+Sections, in dependency order: errors and small helpers, distributed (torchrun) helpers, configs,
+building blocks, quantizer, encoder/decoder/tokenizer, perceptual loss (and the Reg-VQ / VQ-KD
+losses), discriminator, priors and samplers, data, checkpoints.
 """
 
 import argparse
+import datetime
 import gzip
 import math
 import os
@@ -36,6 +45,7 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
@@ -50,15 +60,21 @@ class SeqganError(Exception):
 
 
 def cli(main):
-    """Run a script's main(); turn a SeqganError into `error: ...` and exit code 2."""
+    """Run a script's main(); turn a SeqganError into `error: ...` and exit code 2. Under torchrun every
+    rank leaves the process group on the way out, error or not, and a failing rank exits non-zero,
+    so torchrun stops the others instead of leaving them waiting in a collective."""
     try:
         main()
     except SeqganError as e:
         msg = str(e)
         if "Original Traceback" in msg:  # re-raised from a DataLoader worker: keep its last line
             msg = msg.strip().splitlines()[-1].split("SeqganError: ", 1)[-1]
-        print(f"error: {msg}", file=sys.stderr)
+        rank = os.environ.get("RANK", "0")  # an error can be one rank's own (a bad image in its shard)
+        print(f"error: {msg}" if rank == "0" else f"error (rank {rank}): {msg}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def pick_device(name):
@@ -127,6 +143,110 @@ def config_from_args(cls, args, defaults=None):
 
 
 # -----------------------------------------------------------------------------
+# distributed: one process per GPU under torchrun (nanoGPT's DDP pattern)
+#
+# torchrun (python -m torch.distributed.run) sets RANK, LOCAL_RANK, WORLD_SIZE and LOCAL_WORLD_SIZE in
+# every process it starts; a plain `python script.py` sets none of them, and each helper below then
+# reduces to the one-process case. Rank 0 is the master: it alone logs and writes files.
+
+# Collectives wait this long for a slow rank: rank 0 may tokenize a large data set for train_prior.py
+# while the others wait at a barrier (NCCL's default is 10 minutes). A crashed rank does not make
+# the others wait this long: torchrun stops them as soon as one process exits with an error.
+DIST_TIMEOUT = datetime.timedelta(hours=2)
+
+
+def setup_distributed(device_flag, backend="auto"):
+    """--device and --backend -> (ddp, rank, local_rank, world_size, device), joining the process group
+    under torchrun: one GPU per process (cuda:LOCAL_RANK), NCCL on GPUs and gloo on CPU. Every check
+    comes before init_process_group, so a bad flag stops every rank alike and none waits for the rest."""
+    if backend not in ("auto", "nccl", "gloo"):
+        raise SeqganError(f"unknown --backend {backend}; use auto (NCCL on GPUs, gloo on CPU), nccl or gloo")
+    device = pick_device(device_flag)
+    if "RANK" not in os.environ:
+        return False, 0, 0, 1, device
+    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    if device.type == "cuda":
+        if device.index is not None:
+            raise SeqganError(f"--device {device_flag}: under torchrun each process takes the GPU cuda:LOCAL_RANK; "
+                              "pass --device cuda (or auto)")
+        n_local = max(int(os.environ.get("LOCAL_WORLD_SIZE", 1)), local_rank + 1)  # processes on this node
+        n_gpus = torch.cuda.device_count()
+        if n_local > n_gpus:
+            raise SeqganError(f"torchrun started {n_local} processes on this node, which has {n_gpus} GPU(s); "
+                              f"pass --nproc_per_node {n_gpus} or fewer (one process per GPU)")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    elif backend == "nccl" and device.type != "cuda":
+        raise SeqganError(f"--backend nccl runs on CUDA GPUs only, but the device is {device}; "
+                          "use --backend gloo (or auto)")
+    dist.init_process_group(backend=backend, timeout=DIST_TIMEOUT)
+    return True, rank, local_rank, world, device
+
+
+def is_master():
+    """True on rank 0, and in a run without torchrun."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def teardown():
+    """Leave the process group (the scripts' last line; seqgan.cli also does it when a script fails)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard(n, rank, world):
+    """The items of 0..n-1 that one rank handles: a contiguous range, sizes differing by at most one,
+    so the shards of ranks 0, 1, .. in order are 0..n-1 again."""
+    return range(rank * n // world, (rank + 1) * n // world)
+
+
+def all_reduce_sum(t):
+    """Sum a tensor over the ranks, in place; the tensor itself without torchrun."""
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def batch_text(batch_size, grad_accum, world):
+    """The global batch (per optimizer step, over all ranks), spelled out: '256 (32 x 8 processes)'."""
+    parts = [str(batch_size)] + [f"{grad_accum} accum"] * (grad_accum > 1) + [f"{world} processes"] * (world > 1)
+    return f"{batch_size * grad_accum * world}" + (f" ({' x '.join(parts)})" if len(parts) > 1 else "")
+
+
+def batch_change_warning(ckpt, batch_size, grad_accum, world):
+    """One warning line when a resumed checkpoint was trained with another global batch, else None."""
+    saved, saved_world = ckpt["train_config"], ckpt.get("world_size", 1)
+    before = saved["batch_size"] * saved.get("grad_accum", 1) * saved_world
+    if before != batch_size * grad_accum * world:
+        return (f"warning: the checkpoint was trained with a global batch of {before} ({saved_world} process(es)); "
+                f"continuing with a global batch of {batch_text(batch_size, grad_accum, world)}, learning rate unchanged")
+
+
+def gather_rows(x):
+    """Every rank's rows x (n_r, ...) concatenated in rank order, on every rank. all_gather needs one
+    shape, so each rank pads to the largest n_r and the padding is cut off again."""
+    if not dist.is_initialized():
+        return x
+    if dist.get_backend() == "gloo":
+        x = x.cpu()  # gloo gathers CPU tensors only
+    n = torch.tensor([len(x)], device=x.device)
+    sizes = [torch.empty_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    sizes = [int(s) for s in sizes]
+    padded = torch.cat([x, x.new_zeros((max(sizes) - len(x), *x.shape[1:]))])
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)])
+
+
+# -----------------------------------------------------------------------------
 # configs
 
 
@@ -154,8 +274,10 @@ class TokenizerConfig:
     code_dim: int = knob(256, "codebook vector dimension")
     beta: float = knob(0.25, "commitment weight beta of Eq. 2")
     entropy_weight: float = knob(0.01, "weight gamma of the codebook-entropy term (section 3.4)")
-    entropy_temp: float = knob(1.0, "tau of the soft assignment softmax(-distance / tau): entropy term, "
-                                    "Reg-VQ prior and stochastic mask (1 = paper)")
+    # 0.01 as MaskGIT, not the paper's implicit 1: at 1 a young codebook's soft usage is already
+    # uniform, so H(D_bar) is at its maximum and the term does nothing (README, Expected numbers)
+    entropy_temp: float = knob(0.01, "tau of the soft assignment softmax(-distance / tau): entropy term, "
+                                     "Reg-VQ prior and stochastic mask")
     objective: str = knob("seqgan", "seqgan, regvq (Zhang et al. 2023) or vqkd (Wang et al. 2024); see README")
     mask_ratio: float = knob(0.0, "Reg-VQ stochastic mask: fraction m of positions quantized by sampling "
                                   "(regvq default 0.4)")
@@ -354,6 +476,7 @@ class VectorQuantizer(nn.Module):
             # goal is *spread* usage, so the loss must raise H. We add gamma * KL(D_bar || uniform)
             # = gamma * (log K - H): the same gradient as -gamma H, and never negative. This one line
             # is also Reg-VQ's prior distribution regularisation (a uniform prior).
+            # Under DDP (train_tokenizer.py) the mean is over the rank's own batch, not the global one.
             logits = -d / self.tau  # (N, K)
             p_mean = F.softmax(logits, dim=1).mean(0)  # (K,)
             entropy = -(p_mean * torch.log(p_mean.clamp_min(1e-12))).sum()
@@ -522,10 +645,15 @@ SEM_LAYERS = ("relu5_3", "logits")
 def load_vgg16(weights):
     """VGG16 with 'imagenet' weights (torchvision download or torch hub cache), a local
     state-dict PATH, or 'random' (tests only: announced loudly). Never a silent fallback."""
-    vgg = torchvision.models.vgg16()
+    # A fixed seed, off the global RNG: every DDP rank builds the same random VGG, and loading it
+    # leaves the draws of the models built after it unchanged.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        vgg = torchvision.models.vgg16()
     if weights == "random":
-        print("WARNING: VGG16 has RANDOM weights (--vgg-weights random): the perceptual loss is "
-              "meaningless except for testing", file=sys.stderr)
+        if is_master():
+            print("WARNING: VGG16 has RANDOM weights (--vgg-weights random): the perceptual loss is "
+                  "meaningless except for testing", file=sys.stderr)
     elif weights == "imagenet":
         w = torchvision.models.VGG16_Weights.IMAGENET1K_V1
         target = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(w.url))
@@ -665,10 +793,12 @@ class Discriminator(nn.Module):
     def forward(self, x):  # (B, 3, H, W) -> (B,) logits
         h = self.blocks(F.leaky_relu(self.conv_in(x), 0.2))
         # minibatch stddev: one extra channel with the spread of features across groups of 4 samples,
-        # so D can notice a generator that makes every image alike
+        # so D can notice a generator that makes every image alike. Under DDP the groups are within
+        # each rank's batch. The 1e-8 (StyleGAN2's) keeps sqrt differentiable twice (R1) where two
+        # samples of a small group share a feature value exactly.
         B, C, H, W = h.shape
         g = max(d for d in (4, 3, 2, 1) if B % d == 0)
-        s = h.float().reshape(g, -1, C, H, W).std(0, unbiased=False).mean([1, 2, 3])  # (B/g,)
+        s = (h.float().reshape(g, -1, C, H, W).var(0, unbiased=False) + 1e-8).sqrt().mean([1, 2, 3])  # (B/g,)
         s = s.reshape(1, -1, 1, 1, 1).expand(g, -1, 1, H, W).reshape(B, 1, H, W).to(h.dtype)
         h = F.leaky_relu(self.conv_out(torch.cat([h, s], 1)), 0.2)
         return self.out(F.leaky_relu(self.fc(h.flatten(1)), 0.2)).squeeze(1)
@@ -887,10 +1017,11 @@ def maskgit_loss(model, idx, y=None, generator=None):
     generator must live on idx's device; u is its first draw.
     """
     B, N = idx.shape
+    K = getattr(model, "module", model).cfg.n_codes  # model may be wrapped in DDP (train_prior.py)
     u = torch.rand(B, 1, device=idx.device, generator=generator)
     n_mask = torch.ceil(torch.cos(math.pi / 2 * u) * N).clamp(min=1)  # (B, 1)
     mask = _lowest(torch.rand(B, N, device=idx.device, generator=generator), n_mask)  # (B, N), random positions
-    logits = model(idx.masked_fill(mask, model.cfg.n_codes), y).float()  # (B, N, K)
+    logits = model(idx.masked_fill(mask, K), y).float()  # (B, N, K)
     # Weight per-token losses by the mask instead of indexing logits[mask]: the boolean
     # index would need a host sync to learn its size.
     ce = F.cross_entropy(logits.transpose(1, 2), idx, label_smoothing=0.1, reduction="none")  # (B, N)
@@ -922,10 +1053,28 @@ def top_p_filter(logits, p):
     return logits.masked_fill(drop, float("-inf"))
 
 
-def sample_logits(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
-    """(B, K) logits -> (B, 1) sampled ids: temperature, then top-k, then top-p."""
+def uniforms(n, m, generator, device):
+    """(n, m) uniform draws in [0, 1). generator: one torch.Generator for the batch (None: the global
+    one), or a list of n generators, one per row. With a list, row i depends on its own generator
+    alone, so a sample is the same whatever batch or GPU draws it (sample.py seeds one per image)."""
+    if isinstance(generator, (list, tuple)):
+        assert len(generator) == n, "one generator per row"
+        return torch.stack([torch.rand(m, device=device, generator=g) for g in generator])
+    return torch.rand(n, m, device=device, generator=generator)
+
+
+def sample_probs(probs, u):
+    """Inverse-CDF sampling: probs (..., K), u (...) in [0, 1) -> ids (...), id k with probability
+    probs_k / sum(probs), as torch.multinomial, but the randomness is exactly the one number u per draw."""
+    cdf = probs.cumsum(-1)
+    target = (u * cdf[..., -1]).unsqueeze(-1).contiguous()  # u * total < total
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_max(probs.size(-1) - 1)  # first cdf > target
+
+
+def sample_logits(logits, u, temperature=1.0, top_k=0, top_p=1.0):
+    """(B, K) logits and (B,) uniforms -> (B, 1) sampled ids: temperature, then top-k, then top-p."""
     logits = top_p_filter(top_k_filter(logits.float() / temperature, top_k), top_p)
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)
+    return sample_probs(logits.softmax(-1), u)[:, None]
 
 
 @torch.no_grad()
@@ -934,12 +1083,14 @@ def generate_ar(model, n, y=None, temperature=1.0, top_k=0, top_p=1.0, generator
 
     use_cache=True keeps per-layer keys/values (B, nh, T, hs) and feeds one new token per
     step; use_cache=False recomputes the whole prefix each step (the reference path).
-    Both draw from `generator` in the same order, so they return the same tokens.
+    Both use the same uniforms, one per token drawn up front from `generator` (one generator,
+    or a list of one per row: see uniforms), so they return the same tokens.
     Paper sampling: top-p 0.92 on ImageNet, 0.98 elsewhere.
     """
     cfg = model.cfg
     assert cfg.causal
     N, device = cfg.grid, model.head.weight.device
+    u = uniforms(n, N, generator, device)  # (n, N): u[:, i] draws token i
     idx = torch.empty(n, 0, dtype=torch.long, device=device)
     if use_cache:
         shape = (n, cfg.n_head, N, cfg.n_embd // cfg.n_head)  # (B, nh, T, hs)
@@ -952,7 +1103,7 @@ def generate_ar(model, n, y=None, temperature=1.0, top_k=0, top_p=1.0, generator
             logits = model.body(x, kv_cache, pos=i)[:, -1]
         else:
             logits = model(idx, y)[:, -1]  # (n, K), scores token i
-        tok = sample_logits(logits, temperature, top_k, top_p, generator)  # (n, 1)
+        tok = sample_logits(logits, u[:, i], temperature, top_k, top_p)  # (n, 1)
         idx = torch.cat([idx, tok], dim=1)
         if use_cache and i + 1 < N:
             x = model.wte(tok) + model.wpe.weight[i + 1]  # token i sits at sequence position i + 1
@@ -986,19 +1137,21 @@ def generate_maskgit(model, n, y=None, steps=12, temperature=1.0, choice_tempera
     noise, and keeps masked the least confident, as many as maskgit_schedule says. Fixed
     tokens get confidence +inf, so they are never re-masked or changed. Paper: 12 steps,
     temperature 0.45 (ImageNet) / 0.65. on_step(t, idx), if given, sees the grid after each step.
+    generator: one, or a list of one per row (see uniforms); all draws are made up front.
     """
     cfg = model.cfg
     assert not cfg.causal
     K, N = cfg.n_codes, cfg.grid
-    idx = torch.full((n, N), K, dtype=torch.long, device=model.head.weight.device)  # all [MASK]
+    device = model.head.weight.device
+    u = uniforms(n, steps * 2 * N, generator, device).view(n, steps, 2, N)  # per step: token draws, Gumbel noise
+    idx = torch.full((n, N), K, dtype=torch.long, device=device)  # all [MASK]
     for t, n_masked in enumerate(maskgit_schedule(N, steps)):
         masked = idx == K  # (n, N)
         logp = F.log_softmax(model(idx, y).float() / temperature, dim=-1)  # (n, N, K)
-        sampled = torch.multinomial(logp.exp().flatten(0, 1), 1, generator=generator).view(n, N)
+        sampled = sample_probs(logp.exp(), u[:, t, 0])  # (n, N)
         sampled = torch.where(masked, sampled, idx)  # fixed tokens stay as they are
         # Annealed Gumbel noise: random choice early, pure confidence at the end. The clamp keeps log finite.
-        u = torch.rand(n, N, device=idx.device, generator=generator).clamp_min(1e-20)
-        gumbel = -torch.log(-torch.log(u))
+        gumbel = -torch.log(-torch.log(u[:, t, 1].clamp_min(1e-20)))
         conf = logp.gather(-1, sampled[..., None]).squeeze(-1) + choice_temperature * (1 - (t + 1) / steps) * gumbel
         conf = conf.masked_fill(~masked, float("inf"))
         idx = sampled.masked_fill(_lowest(conf, n_masked), K)

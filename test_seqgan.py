@@ -8,6 +8,7 @@ VGG16 and Inception are randomly initialised *on purpose* (--vgg-weights random)
 import math
 import os
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -127,7 +128,7 @@ def test_entropy_term_raises_codebook_usage():
     def usage_after_training(entropy_weight):
         torch.manual_seed(0)
         z_e = 0.3 * torch.randn(512, 2, 1, 1)
-        q = quantizer(n_codes=16, code_dim=2, entropy_weight=entropy_weight)
+        q = quantizer(n_codes=16, code_dim=2, entropy_weight=entropy_weight, entropy_temp=1.0)
         with torch.no_grad():  # codes on a ray away from the data: code 0 is nearest to every point
             q.codebook.weight.copy_((3 + 0.5 * torch.arange(16.0))[:, None] * torch.tensor([[0.6, 0.8]]))
         opt = torch.optim.Adam(q.parameters(), lr=0.05)
@@ -160,7 +161,7 @@ def test_regvq_prior_kl_is_log_k_minus_entropy_and_the_same_gradient_as_seqgan()
     """Reg-VQ's KL(P_post || uniform) = sum_k p_k log(K p_k) = log K - H(P_post): one code path with
     SeQ-GAN's entropy term (section 3.4), so the gradient equals that of -gamma H."""
     torch.manual_seed(0)
-    q = quantizer(n_codes=16, entropy_weight=1.0, beta=0.0)
+    q = quantizer(n_codes=16, entropy_weight=1.0, beta=0.0, entropy_temp=1.0)
     q.codebook.weight.data.normal_()
     z_e = torch.randn(2, 4, 3, 3, requires_grad=True)
     _, _, terms = q(z_e)
@@ -208,7 +209,7 @@ def test_mask_ratio_one_samples_from_softmax_of_minus_distance():
 def test_sampled_positions_pass_gradients_to_encoder_and_codebook():
     """The Gumbel-softmax straight-through path: gradients reach z_e through D and the codes."""
     torch.manual_seed(0)
-    q = quantizer(mask_ratio=1.0, beta=0.0)
+    q = quantizer(mask_ratio=1.0, beta=0.0, entropy_temp=1.0)
     q.codebook.weight.data.normal_()
     z_e = torch.randn(2, 4, 3, 3, requires_grad=True)
     z_q, _, _ = q(z_e)
@@ -1629,3 +1630,362 @@ def test_unreadable_image_is_one_line_and_exit_2(image_folder, tmp_path):
     assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr
     assert "broken.png" in lines[0] and "delete or replace it" in lines[0]
     assert not (tmp_path / "o" / "ckpt.pt").exists()
+
+
+# -----------------------------------------------------------------------------
+# more than one process: torchrun with gloo on CPU (issue 8)
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+TOK = ["--vgg-weights", "random", "--channels", "16", "--n-codes", "32", "--code-dim", "8", "--disc-channels", "8",
+       "--log-every", "2", "--eval-every", "2", "--eval-images", "8", "--num-workers", "0", "--attn-heads", "2",
+       "--device", "cpu"]
+PRIOR = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--dropout", "0", "--log-every", "2", "--eval-every", "2",
+         "--eval-batches", "2", "--num-workers", "0", "--device", "cpu"]
+DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def torchrun(script, *args, expect_ok=True, timeout=240):
+    """`python -m torch.distributed.run --standalone --nproc_per_node=2 script args` from the repo root."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    env["OMP_NUM_THREADS"] = "1"
+    r = subprocess.run(TORCHRUN + [script, *map(str, args)], cwd=HERE, env=env, capture_output=True, text=True,
+                       timeout=timeout)
+    if expect_ok:
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def ckpt(path):
+    return torch.load(os.path.join(path, "ckpt.pt"), weights_only=True)
+
+
+def max_diff(a, b):
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def assert_same_params(a, b, atol):
+    assert a.keys() == b.keys()
+    worst = max(((a[k].float() - b[k].float()).abs().max().item(), k) for k in a)
+    assert worst[0] <= atol, worst
+
+
+def files(folder):
+    return sorted(os.listdir(folder))
+
+
+@pytest.fixture(scope="module")
+def ddp_images(tmp_path_factory):
+    """24 random 32x32 PNGs in two class folders."""
+    root = tmp_path_factory.mktemp("ddp_images")
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        d = root / ("a" if i % 2 else "b")
+        d.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(d / f"{i:02d}.png")
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def ddp_tokenizer(tmp_path_factory, ddp_images):
+    out = str(tmp_path_factory.mktemp("ddp_tokenizer"))
+    train_tokenizer.main(TOK + ["--data", ddp_images, "--batch-size", "4", "--steps", "1", "--gan-start", "100",
+                                "--out", out])
+    return os.path.join(out, "ckpt.pt")
+
+
+@pytest.fixture(scope="module")
+def ddp_prior(tmp_path_factory, ddp_tokenizer):
+    """A class-conditional AR prior (2 classes), 2 steps, one process."""
+    out = str(tmp_path_factory.mktemp("ddp_prior"))
+    train_prior.main(PRIOR + ["--tokenizer", ddp_tokenizer, "--batch-size", "4", "--steps", "2", "--out", out])
+    return os.path.join(out, "ckpt.pt")
+
+
+# -----------------------------------------------------------------------------
+# helpers in seqgan.py, one process
+
+
+def test_shards_are_contiguous_balanced_and_in_rank_order():
+    for n in (0, 1, 5, 8, 13):
+        for world in (1, 2, 3, 8):
+            parts = [S.shard(n, r, world) for r in range(world)]
+            assert [i for p in parts for i in p] == list(range(n))
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_without_torchrun_there_is_one_process(monkeypatch):
+    for k in DIST_ENV:
+        monkeypatch.delenv(k, raising=False)
+    assert S.setup_distributed("cpu") == (False, 0, 0, 1, torch.device("cpu"))
+    assert S.is_master()
+    x = torch.arange(6.0).view(3, 2)
+    assert S.gather_rows(x) is x and S.all_reduce_sum(x) is x
+
+
+def torchrun_env(monkeypatch, local_rank=1, nproc=2):
+    for k, v in dict(RANK=local_rank, LOCAL_RANK=local_rank, WORLD_SIZE=nproc, LOCAL_WORLD_SIZE=nproc).items():
+        monkeypatch.setenv(k, str(v))
+
+
+def test_bad_distributed_setups_are_one_clear_error_before_any_process_waits(monkeypatch, ddp_tokenizer, tmp_path):
+    """Refused before init_process_group (which would wait for the other ranks): NCCL on a CPU, an
+    unknown backend, a fixed GPU index, more processes on a node than it has GPUs."""
+    torchrun_env(monkeypatch)
+    with pytest.raises(S.SeqganError, match="--backend nccl runs on CUDA GPUs only"):
+        S.setup_distributed("cpu", "nccl")
+    with pytest.raises(S.SeqganError, match="unknown --backend mpi"):
+        S.setup_distributed("cpu", "mpi")
+    out = str(tmp_path / "p")
+    with pytest.raises(S.SeqganError, match="--backend nccl runs on CUDA GPUs only"):
+        train_prior.main(PRIOR + ["--tokenizer", ddp_tokenizer, "--backend", "nccl", "--out", out])
+    assert not os.path.exists(out)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(S.SeqganError, match=r"started 2 processes on this node, which has 1 GPU\(s\); pass "
+                                            "--nproc_per_node 1"):
+        S.setup_distributed("auto")
+    with pytest.raises(S.SeqganError, match="each process takes the GPU cuda:LOCAL_RANK"):
+        S.setup_distributed("cuda:1")
+    assert not torch.distributed.is_initialized()
+
+
+# -----------------------------------------------------------------------------
+# per-sample randomness of the samplers
+
+
+def test_inverse_cdf_sampling_follows_the_probabilities_and_never_picks_a_zero():
+    probs = torch.tensor([0.1, 0.0, 0.6, 0.3, 0.0])
+    u = torch.rand(200_000, generator=torch.Generator().manual_seed(0))
+    ids = S.sample_probs(probs.expand(len(u), -1), u)
+    freq = torch.bincount(ids, minlength=5).float() / len(u)
+    assert torch.allclose(freq, probs, atol=0.005) and freq[1] == 0 and freq[4] == 0
+    edge = S.sample_probs(probs[None].expand(2, -1), torch.tensor([0.0, 1 - 2 ** -24]))
+    assert edge.tolist() == [0, 3]  # u = 0 and the largest u below 1
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_each_sample_depends_on_its_own_generator_only(causal):
+    """With one generator per row, row i is the same whether drawn alone or in a batch: sample.py's
+    images do not depend on how they are split into batches or across GPUs."""
+    torch.manual_seed(0)
+    cfg = S.PriorConfig(n_codes=16, grid=12, n_classes=3, n_layer=1, n_head=2, n_embd=16, dropout=0.0, causal=causal)
+    model = S.Prior(cfg).eval()
+    y = torch.tensor([0, 1, 2])
+
+    def gens(rows):
+        return [torch.Generator().manual_seed(100 + i) for i in rows]
+
+    def generate(rows):
+        if causal:
+            return S.generate_ar(model, len(rows), y[rows], top_k=8, generator=gens(rows))
+        return S.generate_maskgit(model, len(rows), y[rows], steps=4, generator=gens(rows))
+
+    together = generate([0, 1, 2])
+    for i in range(3):
+        assert torch.equal(generate([i])[0], together[i])
+    assert not torch.equal(together[0], together[1])
+
+
+# -----------------------------------------------------------------------------
+# training under torchrun
+
+
+def test_tokenizer_two_processes_take_the_steps_of_one_process_with_twice_the_batch(ddp_images, tmp_path):
+    """Before the GAN starts and with the entropy term off (both would see each rank's batch only: D's
+    minibatch stddev, the soft code usage), 2 ranks x batch 2 train as 1 process x batch 4. Against
+    1 x 2 x --grad-accum 2 the weights match exactly (DDP averages the two halves' gradients as
+    accumulation adds them); against batch 4 the gradients match to rounding (checked below)."""
+    run = TOK + ["--data", ddp_images, "--steps", "3", "--gan-start", "100", "--entropy-weight", "0"]
+    ddp, big, accum = (str(tmp_path / d) for d in ("ddp", "big", "accum"))
+    torchrun("train_tokenizer.py", *run, "--batch-size", "2", "--out", ddp)
+    train_tokenizer.main(run + ["--batch-size", "4", "--out", big])
+    train_tokenizer.main(run + ["--batch-size", "2", "--grad-accum", "2", "--out", accum])
+    d, b, a = ckpt(ddp), ckpt(big), ckpt(accum)
+    assert d["step"] == 3 and d["world_size"] == 2
+    for key in ("model", "disc"):
+        assert_same_params(d[key], a[key], atol=1e-6)
+    # Against batch 4: the first moments (decayed sums of the global batch's gradients) agree to rounding,
+    # and so do the weights, except where the gradient itself is rounding noise (e.g. a conv bias right
+    # before a one-channel-per-group GroupNorm has exact gradient 0): there Adam's g / (|g| + eps) turns
+    # noise into steps of up to lr either way.
+    state, names = b["opt_g"]["state"], list(b["model"])  # optimizer order = parameter order (no buffers)
+    assert len(state) == len(names)
+    scale = max(s["exp_avg"].abs().max() for s in state.values())
+    for i, k in enumerate(names):
+        assert (d["opt_g"]["state"][i]["exp_avg"] - state[i]["exp_avg"]).abs().max() <= 1e-3 * scale, k
+        real = state[i]["exp_avg"].abs() > 1e-3 * scale
+        assert torch.allclose(d["model"][k][real], b["model"][k][real], rtol=0, atol=1e-5), k
+    # only rank 0 writes: the files of a one-process run, and one copy of every log line
+    assert files(ddp) == files(big) == ["ckpt.pt", "log.txt", "recon_0000002.png", "recon_0000003.png"]
+    log = open(os.path.join(ddp, "log.txt")).read()
+    assert "global batch 4 (2 x 2 processes)" in log and "device cpu x 2 processes" in log
+    assert log.count("eval step 2 |") == 1 and len(log.splitlines()) == len(open(os.path.join(big, "log.txt")).readlines())
+    # the logged terms are averaged over the ranks: the numbers of batch 4, except the entropy H(D_bar),
+    # which is of each rank's own batch mean (column 7; its weight is 0 here)
+    def terms(text):
+        line = [l for l in text.splitlines() if l.startswith("step 3 |")][0]
+        values = np.array([float(v) for v in line.split("|")[1].split()[1::2]])
+        return np.delete(values, 7)
+    assert np.allclose(terms(log), terms(open(os.path.join(big, "log.txt")).read()), atol=2e-4)
+
+
+RUNNER = """
+import os, sys, torch
+sys.path.insert(0, {here!r})
+import seqgan as S, train_tokenizer
+made = []  # the modules main() trains, to save each rank's copy (the script itself writes on rank 0 only)
+class Tokenizer(S.Tokenizer):
+    def __init__(self, *a):
+        super().__init__(*a)
+        made.append(self)
+class Discriminator(S.Discriminator):
+    def __init__(self, *a):
+        super().__init__(*a)
+        made.append(self)
+S.Tokenizer, S.Discriminator = Tokenizer, Discriminator
+train_tokenizer.main({argv!r})
+torch.save(dict(model=made[0].state_dict(), disc=made[1].state_dict()),
+           os.path.join({dump!r}, "rank" + os.environ["RANK"] + ".pt"))
+"""
+
+
+def test_phase2_with_gan_r1_and_accumulation_stays_in_sync_across_ranks(ddp_images, tmp_path):
+    """Phase 2 under torchrun: only the decoder trains (DDP syncs what requires grad), D from step 0 with
+    R1 every step, 2 micro-steps. Both ranks end with the same weights. R1 bypasses DDP (create_graph):
+    its gradients are averaged only because the DDP backward that follows averages all of .grad, so
+    a rank-local R1 would make the ranks' discriminators drift apart."""
+    p1, p2, dump = (str(tmp_path / d) for d in ("p1", "p2", "dump"))
+    os.makedirs(dump)
+    train_tokenizer.main(TOK + ["--data", ddp_images, "--steps", "1", "--batch-size", "2", "--grad-accum", "2",
+                                "--gan-start", "0", "--r1-every", "1", "--out", p1])
+    argv = ["--phase", "2", "--init", os.path.join(p1, "ckpt.pt"), "--steps", "2", "--log-every", "2",
+            "--eval-every", "2", "--device", "cpu", "--out", p2]
+    runner = tmp_path / "runner.py"
+    runner.write_text(RUNNER.format(here=HERE, argv=argv, dump=dump))
+    torchrun(runner)
+    r0, r1 = (torch.load(os.path.join(dump, f"rank{r}.pt"), weights_only=True) for r in (0, 1))
+    c1, c2 = ckpt(p1), ckpt(p2)
+    for key in ("model", "disc"):
+        assert_same_params(r0[key], r1[key], atol=0)
+        assert_same_params(r0[key], c2[key], atol=0)  # what rank 0 saved
+        assert max_diff(c1[key], c2[key]) > 0
+    assert c2["phase"] == 2 and c2["world_size"] == 2
+    assert all(s["step"].item() == 2 for s in c2["opt_d"]["state"].values())  # D took both steps
+    for k, v in c1["model"].items():  # encoder and codebook frozen under DDP too
+        if k.startswith(("encoder.", "quantizer.")):
+            assert torch.equal(v, c2["model"][k]), k
+    log = open(os.path.join(p2, "log.txt")).read()
+    assert "global batch 8 (2 x 2 accum x 2 processes)" in log
+    assert files(p2) == ["ckpt.pt", "log.txt", "recon_0000002.png"]
+
+
+def test_prior_two_processes_equal_one_with_twice_the_batch_and_resume(ddp_tokenizer, tmp_path):
+    """AR prior, dropout 0: 2 ranks x batch 2 == 1 process x batch 4 == 1 process x 2 x --grad-accum 2, for
+    2 steps and again after --resume to step 4 (every rank resumes from rank 0's checkpoint)."""
+    ddp, big, accum = (str(tmp_path / d) for d in ("ddp", "big", "accum"))
+    run = PRIOR + ["--tokenizer", ddp_tokenizer, "--steps", "2"]
+    torchrun("train_prior.py", *run, "--batch-size", "2", "--out", ddp)
+    ddp2 = ckpt(ddp)
+    train_prior.main(run + ["--batch-size", "4", "--out", big])
+    big2 = ckpt(big)
+    train_prior.main(run + ["--batch-size", "2", "--grad-accum", "2", "--out", accum])
+    assert_same_params(ddp2["model"], big2["model"], atol=1e-5)
+    assert_same_params(ckpt(accum)["model"], big2["model"], atol=1e-5)
+    assert files(ddp) == files(big) == ["ckpt.pt", "log.txt", "samples_0000002.png", "tokens.pt"]
+    log = open(os.path.join(ddp, "log.txt")).read()
+    assert "global batch 4 (2 x 2 processes)" in log and log.count("tokenizing the data into") == 1
+
+    torchrun("train_prior.py", "--resume", "--steps", "4", "--out", ddp)
+    train_prior.main(["--resume", "--steps", "4", "--out", big])
+    d4, b4 = ckpt(ddp), ckpt(big)
+    assert d4["step"] == 4 and all(s["step"].item() == 4 for s in d4["optimizer"]["state"].values())
+    assert_same_params(d4["model"], b4["model"], atol=1e-5)
+    assert max_diff(d4["model"], ddp2["model"]) > 1e-4  # it trained on
+    log = open(os.path.join(ddp, "log.txt")).read()
+    assert "start step 2" in log and "reusing token cache" in log and "warning" not in log
+
+    # one process resuming the 2-process run with --batch-size 2: global batch 2, not 4: one warning line
+    train_prior.main(["--resume", "--steps", "5", "--out", ddp])
+    warnings = [l for l in open(os.path.join(ddp, "log.txt")) if l.startswith("warning")]
+    assert len(warnings) == 1 and "global batch of 4 (2 process(es)); continuing with a global batch of 2," in warnings[0]
+    assert ckpt(ddp)["step"] == 5 and ckpt(ddp)["world_size"] == 1
+
+
+# -----------------------------------------------------------------------------
+# sample.py and fid.py under torchrun
+
+
+def test_sample_two_processes_write_the_same_pngs_as_one(ddp_prior, tmp_path):
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    args = ["--prior", ddp_prior, "--batch-size", "2", "--device", "cpu"]
+    # --n-images: torchrun would take `--n` for an abbreviation of its own --nnodes / --nproc-per-node
+    torchrun("sample.py", *args, "--n-images", "5", "--out", two)
+    sample.main(args + ["--n", "5", "--out", one])
+    assert files(two) == files(one) == [f"{i:06d}.png" for i in range(5)] + ["grid.png", "sampling.json"]
+    for f in files(one):
+        if f.endswith(".png"):
+            assert open(os.path.join(one, f), "rb").read() == open(os.path.join(two, f), "rb").read(), f
+    rec1, rec2 = (json.load(open(os.path.join(d, "sampling.json"))) for d in (one, two))
+    assert {**rec1, "out": None} == {**rec2, "out": None}
+
+
+def test_fid_statistics_and_inception_score_with_two_processes_equal_one(tmp_path, capsys):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(10):  # IS needs 10 (one per split); real-size Inception on CPU: ~0.5 s per image
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    args = [str(folder), "--is", "--inception-weights", "random", "--device", "cpu", "--num-workers", "0",
+            "--batch-size", "5"]
+    r = torchrun("fid.py", *args, "--save-stats", tmp_path / "two.npz")
+    one = fid.main(args + ["--save-stats", str(tmp_path / "one.npz")])
+    s1, s2 = fid.load_stats(str(tmp_path / "one.npz")), fid.load_stats(str(tmp_path / "two.npz"))
+    assert s1["n"] == s2["n"] == 10 and s1["fingerprint"] == s2["fingerprint"]
+    assert np.allclose(s1["mu"], s2["mu"], rtol=1e-6, atol=1e-9) and np.allclose(s1["sigma"], s2["sigma"], rtol=1e-6, atol=1e-9)
+    assert f"IS {one['is'][0]:.3f} +- {one['is'][1]:.3f}" in r.stdout
+    assert r.stdout.count("saved statistics") == 1 and r.stderr.count("RANDOM weights") == 1  # rank 0 alone prints
+
+
+RECON_RUNNER = """
+import json, sys
+sys.path.insert(0, {here!r})
+import fid, {module} as tests
+fid.load_inception = lambda weights, device: tests.TinyFeatures()
+r = fid.main({argv!r})
+if r:
+    json.dump(r, open({dump!r}, "w"))
+"""
+
+
+def test_recon_metrics_with_two_processes_equal_one(ddp_tokenizer, ddp_images, tmp_path, monkeypatch):
+    """fid.py --recon under torchrun: rFID, PSNR and codebook usage over the ranks' shards, as with one."""
+    argv = ["--recon", ddp_tokenizer, "--images", ddp_images, "--device", "cpu", "--num-workers", "0", "--batch-size", "5"]
+    runner = tmp_path / "runner.py"
+    runner.write_text(RECON_RUNNER.format(here=HERE, module=__name__, argv=argv, dump=str(tmp_path / "two.json")))
+    r = torchrun(runner)
+    assert r.stdout.count("rFID") == 1  # rank 0 alone prints
+    two = json.load(open(tmp_path / "two.json"))
+    monkeypatch.setattr(fid, "load_inception", lambda weights, device: TinyFeatures())
+    one = fid.main(argv)
+    assert one["n"] == two["n"] == 24 and one["codes_used"] == two["codes_used"]
+    for k in ("rfid", "psnr", "usage", "perplexity"):
+        assert two[k] == pytest.approx(one[k], rel=1e-5), k
+
+
+def test_an_error_on_one_rank_stops_every_rank_without_a_hang(tmp_path):
+    """The broken image sorts last, into rank 1's shard: rank 1 fails while rank 0 waits for its features
+    in all_gather; rank 1 exits 2 and torchrun stops rank 0. Nothing is written."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(4):
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(folder / f"{i}.png")
+    (folder / "z_broken.png").write_bytes(b"\x89PNG not really")
+    r = torchrun("fid.py", folder, "--save-stats", tmp_path / "s.npz", "--inception-weights", "random",
+                 "--device", "cpu", "--num-workers", "0", expect_ok=False, timeout=120)
+    assert r.returncode != 0
+    # rank 0's progress bar and rank 1's error share stderr, maybe one line: find the messages anywhere
+    errors = re.findall(r"error(?: \(rank \d\))?: [^\r\n]*", r.stderr)
+    assert len(errors) == 1 and errors[0].startswith("error (rank 1): cannot read image "), r.stderr[-2000:]
+    assert "z_broken.png" in errors[0] and errors[0].endswith("delete or replace it")
+    assert re.search(r"exitcode\W+2", r.stderr)  # torchrun's report: rank 1 exited with seqgan.cli's code 2
+    assert not (tmp_path / "s.npz").exists()

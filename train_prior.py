@@ -5,6 +5,8 @@ raster order) or NAR (MaskGIT: bidirectional, masked tokens). The dataset is tok
   python train_prior.py --tokenizer out/tokenizer2/ckpt.pt --model ar      # CIFAR-10, 8x8 tokens, one GPU
   python train_prior.py --tokenizer out/tokenizer2/ckpt.pt --model nar --token-cache out/tokens.pt
   python train_prior.py --tokenizer out/ffhq/ckpt.pt --preset base --batch-size 256 --out out/ffhq_ar  # Table 8
+  torchrun --standalone --nproc_per_node=8 train_prior.py --tokenizer out/ffhq/ckpt.pt --preset base \
+      --batch-size 32 --out out/ffhq_ar                        # 8 GPUs (DDP): global batch 8 x 32 = 256
 
 CPU smoke run on the tokenizer of train_tokenizer.py's smoke run (tokenizing Fashion-MNIST's 70k images
 takes a minute or two, once):
@@ -22,6 +24,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torchvision
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import seqgan as S
@@ -40,11 +43,15 @@ class TrainConfig:
                                 "AR and NAR runs to tokenize once)")
     out: str = knob("", "output folder for ckpt.pt, log.txt, tokens.pt and sample grids (default out/prior_MODEL)")
     steps: int = knob(20000, "total training steps")
-    batch_size: int = knob(128, "token grids per step")
+    batch_size: int = knob(128, "token grids per micro-step and GPU; the global batch is batch_size x grad_accum "
+                                "x processes")
+    grad_accum: int = knob(1, "micro-steps (gradient accumulation) per optimizer step")
     lr: float = knob(1e-4, "AdamW learning rate (paper: 1e-4, constant)")
     weight_decay: float = knob(1e-2, "AdamW weight decay on matrices (paper: 1e-2); biases and norms get none")
     grad_clip: float = knob(1.0, "clip the global gradient norm (0 = off)")
-    device: str = knob("auto", "auto (CUDA if present), cpu, cuda or cuda:N")
+    device: str = knob("auto", "auto (CUDA if present), cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)")
+    backend: str = knob("auto", "torch.distributed backend under torchrun: auto (nccl on GPUs, gloo on CPU), "
+                                "nccl or gloo")
     compile: bool = knob(False, "torch.compile the prior for training (slow start, faster steps)")
     resume: bool = knob(False, "continue the run in --out from its ckpt.pt (same model flags)")
     num_workers: int = knob(4, "data-loading processes while tokenizing an image folder")
@@ -104,8 +111,8 @@ def configure(args):
     shape = S.config_from_args(S.PriorConfig, args, defaults)  # n_codes, grid, n_classes, causal: set in main
     if not tc.tokenizer:
         raise S.SeqganError("train_prior.py needs --tokenizer CKPT (the ckpt.pt of a train_tokenizer.py run)")
-    if tc.steps < 1 or tc.batch_size < 1 or tc.eval_batches < 1:
-        raise S.SeqganError("--steps, --batch-size and --eval-batches must be at least 1")
+    if tc.steps < 1 or tc.batch_size < 1 or tc.eval_batches < 1 or tc.grad_accum < 1:
+        raise S.SeqganError("--steps, --batch-size, --grad-accum and --eval-batches must be at least 1")
     if shape.n_embd % shape.n_head:
         raise S.SeqganError(f"--n-embd {shape.n_embd} is not divisible by --n-head {shape.n_head}")
     tok_ckpt = S.load_checkpoint(tc.tokenizer, "tokenizer")
@@ -185,8 +192,9 @@ def load_tokens(path, fingerprint, build, log):
 
 
 def prior_loss(model, idx, y, generator=None):
-    """AR: next-token cross-entropy; NAR: MaskGIT loss on masked tokens. -> (loss, token accuracy)."""
-    if model.cfg.causal:
+    """AR: next-token cross-entropy; NAR: MaskGIT loss on masked tokens. -> (loss, token accuracy).
+    model may be wrapped in DDP, whose attributes are those of its .module."""
+    if getattr(model, "module", model).cfg.causal:
         return S.ar_loss(model, idx, y)
     return S.maskgit_loss(model, idx, y, generator=generator)
 
@@ -229,10 +237,13 @@ def save_samples(model, tok, tc, path, ctx):
 
 
 def main(argv=None):
-    tc, shape, ckpt, tok_ckpt = configure(parse(argv))
-    device = S.pick_device(tc.device)
+    tc, shape, ckpt, tok_ckpt = configure(parse(argv))  # every rank: the checks, and the checkpoint it resumes
+    ddp, rank, _, world, device = S.setup_distributed(tc.device, tc.backend)
+    master = rank == 0  # logs, evaluates, writes samples and checkpoints; the others only train
     step = ckpt["step"] if ckpt is not None else 0
-    torch.manual_seed(tc.seed * 1_000_003 + step)  # dropout and NAR masks differ after a resume
+    # Dropout and NAR masks differ after a resume and across ranks (each rank masks its own rows);
+    # the ranks' different initial weights do not matter: DDP copies rank 0's to all at the wrap.
+    torch.manual_seed(tc.seed * 1_000_003 + step + rank)
     ctx = S.autocast(device)
 
     tok = S.load_tokenizer(tc.tokenizer, device)  # frozen, eval mode, and refuses one without a pixel decoder
@@ -251,16 +262,20 @@ def main(argv=None):
         if ckpt["tokenizer_hash"] != tok_hash:
             raise S.SeqganError(f"tokenizer {tc.tokenizer} changed since the prior was trained (other encoder or "
                                 "codebook weights); start a new --out")
-    if len(train_ds) < tc.batch_size:
-        raise S.SeqganError(f"{tc.data} has {len(train_ds)} training images, fewer than --batch-size {tc.batch_size}")
+    global_batch = tc.batch_size * tc.grad_accum * world  # grids per optimizer step, over all ranks
+    if len(train_ds) < global_batch:
+        raise S.SeqganError(f"{tc.data} has {len(train_ds)} training images, fewer than --batch-size {tc.batch_size}"
+                            + (f" x {tc.grad_accum * world} (micro-steps x processes)" if global_batch > tc.batch_size else ""))
 
-    os.makedirs(tc.out, exist_ok=True)
     ckpt_path, log_path = os.path.join(tc.out, "ckpt.pt"), os.path.join(tc.out, "log.txt")
+    if master:
+        os.makedirs(tc.out, exist_ok=True)
 
     def log(line):
-        tqdm.write(line)
-        with open(log_path, "a") as f:
-            f.write(line + "\n")
+        if master:
+            tqdm.write(line)
+            with open(log_path, "a") as f:
+                f.write(line + "\n")
 
     def build():
         train, train_y = tokenize(tok, train_ds, tc, device, "tokenizing train")
@@ -268,7 +283,11 @@ def main(argv=None):
         return dict(train=train, train_labels=train_y, val=val, val_labels=val_y)
 
     fingerprint = dict(tokenizer=tok_hash, data=data_fingerprint(train_ds, val_ds, tc))
-    tokens = load_tokens(tc.token_cache, fingerprint, build, log)
+    # The cache is built once, by rank 0; the others wait at the barrier, then read what it wrote.
+    tokens = load_tokens(tc.token_cache, fingerprint, build, log) if master else None
+    S.barrier()
+    if not master:
+        tokens = S.load_checkpoint(tc.token_cache, "tokens")
     # The whole token set lives on the device (CIFAR-10: 6 MB; ImageNet at 16x16: 0.7 GB) and each step
     # indexes a random batch out of it, as nanoGPT's get_batch does: no DataLoader in the loop.
     train, train_y = tokens["train"].to(device), tokens["train_labels"].to(device)
@@ -289,58 +308,77 @@ def main(argv=None):
     for group, wd in zip(opt.param_groups, (tc.weight_decay, 0.0)):  # flags win over the resumed optimizer's
         group["lr"], group["weight_decay"] = tc.lr, wd
     g_model = torch.compile(model) if tc.compile else model
+    if ddp:  # compile first, then wrap (nanoGPT); checkpoints, evaluation and sampling use the plain `model`
+        g_model = DDP(g_model, device_ids=[device.index] if device.type == "cuda" else None)
 
     flops_per_token = S.estimate_flops_per_token(cfg)
     peak = S.peak_flops(device, tc.peak_flops)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     log(f"{tc.model.upper()} prior {S.count_params(model) / 1e6:.2f}M ({cfg.n_layer} layers, d {cfg.n_embd}, "
         f"{cfg.n_head} heads) | {tc.data}: {len(train)} train / {len(val)} val grids of {cfg.grid} tokens, "
-        f"K={cfg.n_codes}, {cfg.n_classes or 'no'} classes | device {device} | start step {step} | "
+        f"K={cfg.n_codes}, {cfg.n_classes or 'no'} classes | device {device}{f' x {world} processes' if ddp else ''} | "
+        f"global batch {S.batch_text(tc.batch_size, tc.grad_accum, world)} | start step {step} | "
         f"chance loss ln K = {math.log(cfg.n_codes):.3f}")
+    warning = S.batch_change_warning(ckpt, tc.batch_size, tc.grad_accum, world) if ckpt is not None else None
+    if warning:
+        log(warning)
     log(f"MFU against a peak of {peak / 1e12:.0f} TFLOP/s ({'--peak-flops' if tc.peak_flops else 'dense bf16, ' + gpu})"
         if peak else f"MFU n/a: no peak FLOP/s known for {gpu}; pass --peak-flops")
     log(f"config: {asdict(tc)} {asdict(cfg)} | tokenizer phase {tok_ckpt['phase']}")
 
     def save():
         S.save_checkpoint(ckpt_path, dict(kind="prior", step=step, best_val_loss=best_val, model_config=asdict(cfg),
-                                          train_config=asdict(tc), tokenizer=os.path.abspath(tc.tokenizer),
+                                          train_config=asdict(tc), world_size=world, tokenizer=os.path.abspath(tc.tokenizer),
                                           tokenizer_hash=tok_hash, model=model.state_dict(), optimizer=opt.state_dict()))
 
     # The batch order is seeded from (seed, start step), so a resumed run does not replay the first batches.
     # The generator lives on the device: drawing the indices there needs no host-to-device copy per step.
+    # Every rank draws the same global batch and keeps its own slice, so 2 ranks x batch b see exactly
+    # what 1 rank x 2b (or 1 rank x b x --grad-accum 2) sees.
     data_g = torch.Generator(device=device).manual_seed(tc.seed * 1_000_003 + step)
     sums = torch.zeros(3, device=device)  # loss, accuracy, grad norm: summed on the device, read back at log time
     n_acc, t0, zero = 0, time.time(), torch.zeros((), device=device)
     # the with-block closes the bar on an error too, so the error line stands on its own
-    with tqdm(total=tc.steps, initial=step, desc=f"{tc.model} prior", dynamic_ncols=True) as bar:
+    with tqdm(total=tc.steps, initial=step, desc=f"{tc.model} prior", dynamic_ncols=True, disable=not master) as bar:
         while step < tc.steps:
-            ix = torch.randint(len(train), (tc.batch_size,), device=device, generator=data_g)
-            idx, y = train[ix].long(), train_y[ix] if cfg.n_classes else None
-            with ctx:
-                loss, acc = prior_loss(g_model, idx, y)
+            ix = torch.randint(len(train), (global_batch,), device=device, generator=data_g)
+            ix = ix.view(tc.grad_accum, world, tc.batch_size)[:, rank]  # (micro-steps, batch): this rank's slices
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            for micro in range(tc.grad_accum):
+                idx, y = train[ix[micro]].long(), train_y[ix[micro]] if cfg.n_classes else None
+                if ddp:
+                    # All-reduce the gradients only in the last micro-step's backward. The official way is
+                    # the model.no_sync() context manager; it only toggles this flag (nanoGPT does the same).
+                    g_model.require_backward_grad_sync = micro == tc.grad_accum - 1
+                with ctx:
+                    loss, acc = prior_loss(g_model, idx, y)
+                # the mean over the micro-steps' grids; DDP then averages over the ranks
+                (loss / tc.grad_accum).backward()
+                sums[:2] += torch.stack([loss.detach(), acc.detach()]) / tc.grad_accum
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip) if tc.grad_clip > 0 else zero
             opt.step()
-            sums += torch.stack([loss.detach(), acc.detach(), gnorm.float()])
+            sums[2] += gnorm.float()  # the same on every rank: the gradients are already averaged
             n_acc += 1
             step += 1
             bar.update(1)
 
             if step % tc.log_every == 0 or step == tc.steps:
-                l, a, gn = (sums / n_acc).tolist()  # the one host sync of the interval
+                # The interval's sums, averaged over the ranks: the one sync and host read of the interval.
+                # Every rank sees the same numbers, so a non-finite loss stops them all alike.
+                l, a, gn = (S.all_reduce_sum(sums) / (n_acc * world)).tolist()
                 if not (math.isfinite(l) and math.isfinite(gn)):
                     raise S.SeqganError(f"non-finite loss at step {step}: loss={l:.4g}, grad norm={gn:.4g}; lower --lr "
                                         f"(now {tc.lr}). Last good checkpoint: {ckpt_path}")
-                tps = n_acc * tc.batch_size * cfg.grid / (time.time() - t0)
-                mfu = f"{flops_per_token * tps / peak:.1%}" if peak else "n/a"
+                tps = n_acc * global_batch * cfg.grid / (time.time() - t0)
+                mfu = f"{flops_per_token * tps / (peak * world):.1%}" if peak else "n/a"
                 log(f"step {step} | loss {l:.4f} acc {a:.3f} | grad norm {gn:.3f} | lr {tc.lr:.1e} | "
                     f"{tps:,.0f} tok/s | MFU {mfu}")
                 bar.set_postfix(loss=f"{l:.3f}", acc=f"{a:.3f}")
                 sums.zero_()
                 n_acc, t0 = 0, time.time()
 
-            if step % tc.eval_every == 0 or step == tc.steps:
+            if master and (step % tc.eval_every == 0 or step == tc.steps):
+                # rank 0 alone; the others go on and wait for it in the next step's gradient all-reduce
                 vl, va = evaluate(model, val, val_y, tc, ctx)
                 best_val = min(best_val, vl)
                 log(f"eval step {step} | val loss {vl:.4f} acc {va:.3f} | best {best_val:.4f}")
@@ -348,6 +386,7 @@ def main(argv=None):
                 save()
                 t0 = time.time()
     log(f"done: {ckpt_path}")
+    S.teardown()
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ Train the SeQ-GAN tokenizer. Phase 1 (semantic compression) then phase 2 (detail
   python train_tokenizer.py --alpha 1.0                                   # phase 1, CIFAR-10, 32 px, one GPU
   python train_tokenizer.py --phase 2 --init out/tokenizer/ckpt.pt        # phase 2 -> out/tokenizer2
   python train_tokenizer.py --preset paper --data /data/ffhq --out out/ffhq   # 256 px, f=16 (Table 7)
+  torchrun --standalone --nproc_per_node=8 train_tokenizer.py --preset paper --data /data/ffhq \
+      --batch-size 32 --out out/ffhq                           # 8 GPUs (DDP): global batch 8 x 32 = 256
 
 CPU smoke run (a minute; random VGG, so only the plumbing is meaningful; real Fashion-MNIST images):
   python train_tokenizer.py --data fashion-mnist --vgg-weights random --channels 16 --code-dim 16 --n-codes 64
@@ -18,6 +20,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 import torchvision
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import seqgan as S
@@ -34,9 +37,12 @@ class TrainConfig:
     init: str = knob("", "phase 2 only: the phase-1 checkpoint to start from")
     out: str = knob("out/tokenizer", "output folder for ckpt.pt, log.txt and PNG grids (phase 2: out/tokenizer2)")
     steps: int = knob(50000, "total training steps")
-    batch_size: int = knob(64, "images per step")
+    batch_size: int = knob(64, "images per micro-step and GPU; the global batch is batch_size x grad_accum x processes")
+    grad_accum: int = knob(1, "micro-steps (gradient accumulation) per optimizer step")
     lr: float = knob(0.0, "learning rate; 0 = the paper's: 1e-4 cosine to 5e-5 (phase 1), 5e-5 constant (phase 2)")
-    device: str = knob("auto", "auto (CUDA if present), cpu, cuda or cuda:N")
+    device: str = knob("auto", "auto (CUDA if present), cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)")
+    backend: str = knob("auto", "torch.distributed backend under torchrun: auto (nccl on GPUs, gloo on CPU), "
+                                "nccl or gloo")
     compile: bool = knob(False, "torch.compile the tokenizer and discriminator (slow start, faster steps)")
     resume: bool = knob(False, "continue the run in --out from its ckpt.pt (same phase and config)")
     vgg_weights: str = knob("imagenet", "imagenet (torchvision download or torch hub cache), a state-dict PATH, "
@@ -97,11 +103,13 @@ def configure(args):
         # phase 2 inherits data, model and D from phase 1; it trains a fresh run with its own defaults,
         # a deterministic quantizer, and a pixel decoder (VQ-KD: from scratch, so D warms up again)
         defaults = {**init["train_config"], **init["model_config"], **init["loss_config"], **PHASE2_DEFAULTS,
-                    "dec_attn": True, "lr": 0.0, "device": "auto", "compile": False, "mask_ratio": 0.0,
-                    "pcl_weight": 0.0, "feature_dim": 0}
+                    "dec_attn": True, "lr": 0.0, "device": "auto", "backend": "auto", "compile": False,
+                    "mask_ratio": 0.0, "pcl_weight": 0.0, "feature_dim": 0}
         if init["model_config"]["feature_dim"]:
             defaults["gan_start"] = init["loss_config"]["gan_start"]
     tc, mc, lc = (S.config_from_args(c, args, defaults) for c in (TrainConfig, S.TokenizerConfig, S.LossConfig))
+    if tc.batch_size < 1 or tc.grad_accum < 1:
+        raise S.SeqganError("--batch-size and --grad-accum must be at least 1")
     if tc.phase == 1 and tc.init:
         raise S.SeqganError("--init is for phase 2 (a phase-1 checkpoint to fine-tune); drop it")
     if not 0 <= lc.alpha <= 1:
@@ -125,23 +133,31 @@ def get_lr(step, tc):
     return lr_min + 0.5 * (tc.lr - lr_min) * (1 + math.cos(math.pi * step / tc.steps))
 
 
-def batches(ds, tc, start_step, device):
-    """Endless shuffled batches; the order is seeded from (seed, start step) so a resumed run does not replay."""
+def batches(ds, tc, start_step, device, rank=0, world=1):
+    """Endless batches of this rank, one per micro-step. Each epoch one permutation of the data, seeded
+    from (seed, start step, epoch) so that a resumed run does not replay, is cut into global batches of
+    batch_size x grad_accum x world images; micro-step m of rank r takes slice m * world + r of each
+    (DistributedSampler's idea, by batch): 2 ranks x b, or 1 rank x b x 2 micro-steps, see what 1 rank x 2b sees."""
     in_memory = isinstance(ds, torch.utils.data.TensorDataset)
+    b, slices = tc.batch_size, tc.grad_accum * world
     epoch = 0
     while True:
         g = torch.Generator().manual_seed(tc.seed * 1_000_003 + start_step + epoch)
-        loader = torch.utils.data.DataLoader(ds, tc.batch_size, shuffle=True, drop_last=True, generator=g,
-                                             num_workers=0 if in_memory else tc.num_workers,
+        perm = torch.randperm(len(ds), generator=g).tolist()  # the order shuffle=True draws from the same generator
+        mine = [perm[k + (m * world + rank) * b: k + (m * world + rank + 1) * b]
+                for k in range(0, len(perm) - slices * b + 1, slices * b) for m in range(tc.grad_accum)]
+        loader = torch.utils.data.DataLoader(ds, batch_sampler=mine, num_workers=0 if in_memory else tc.num_workers,
                                              pin_memory=device.type == "cuda")
         yield from loader
         epoch += 1
 
 
-def g_step(model, disc, perceptual, opt_g, x, lc, phase, gan_w, ctx):
-    """One generator step: L1 + L_alpha (Eq. 3) + L_vq (Eq. 2, phase 1 only) + gan_w * softplus(-D(x_hat)).
-    Returns x_hat, the indices and the detached terms (loss, l1, perceptual, l_low, l_sem, codebook,
-    commitment, entropy, g_adv) as one tensor, so that logging them costs no host sync."""
+def g_backward(model, disc, perceptual, x, lc, phase, gan_w, ctx, scale=1.0):
+    """The generator's loss on one (micro-)batch, scale * loss backpropagated: L1 + L_alpha (Eq. 3) + L_vq
+    (Eq. 2, phase 1 only) + gan_w * softplus(-D(x_hat)). disc is the plain module, never the DDP one: G needs
+    D's input gradient only, and D's parameters take no gradient here. Returns x_hat, the indices and the
+    detached terms (loss, l1, perceptual, l_low, l_sem, codebook, commitment, entropy, g_adv, pcl, kd) as one
+    tensor, so that logging them costs no host sync."""
     disc.requires_grad_(False)  # G's loss needs D's input gradient, not its parameter gradients
     with ctx:
         x_hat, idx, q = model(x)
@@ -157,44 +173,63 @@ def g_step(model, disc, perceptual, opt_g, x, lc, phase, gan_w, ctx):
             f_hat, f = p_terms["features"]
             pcl = S.pcl_loss(f_hat["relu3_3"], f["relu3_3"], q["sample_dist"], lc.pcl_temp)
             loss = loss + lc.pcl_weight * pcl
-    opt_g.zero_grad(set_to_none=True)
-    loss.backward()
-    opt_g.step()
+    (scale * loss).backward()
     disc.requires_grad_(True)
     terms = [loss, l1, l_p, p_terms["l_low"], p_terms["l_sem"], q["codebook_loss"], q["commitment_loss"],
              q["entropy"], g_adv, pcl, zero]
     return x_hat, idx, torch.stack([t.detach().float() for t in terms])
 
 
-def kd_step(model, perceptual, opt_g, x, lc, ctx):
+def g_step(model, disc, perceptual, opt_g, x, lc, phase, gan_w, ctx):
+    """One whole generator step on one batch (g_backward, then the optimizer); returns what g_backward does."""
+    opt_g.zero_grad(set_to_none=True)
+    out = g_backward(model, disc, perceptual, x, lc, phase, gan_w, ctx)
+    opt_g.step()
+    return out
+
+
+def kd_backward(model, perceptual, x, lc, ctx, scale=1.0):
     """VQ-KD phase 1: the tokenizer reproduces the frozen teacher's feature map (cosine loss) + L_vq;
-    no pixel, perceptual or GAN loss. Returns the same (x_hat, idx, terms) as g_step (x_hat = features)."""
+    no pixel, perceptual or GAN loss. Returns the same (x_hat, idx, terms) as g_backward (x_hat = features)."""
     with ctx:
         f_pred, idx, q = model(x)
         with torch.no_grad():
             teacher = perceptual.features(x, logits=False)[lc.teacher_layer]
         kd = S.feature_kd_loss(f_pred, teacher)
         loss = kd + q["loss"]
-    opt_g.zero_grad(set_to_none=True)
-    loss.backward()
-    opt_g.step()
+    (scale * loss).backward()
     zero = torch.zeros((), device=x.device)
     terms = [loss, zero, zero, zero, zero, q["codebook_loss"], q["commitment_loss"], q["entropy"], zero, zero, kd]
     return f_pred, idx, torch.stack([t.detach().float() for t in terms])
 
 
-def d_step(disc, opt_d, x, x_hat, lc, step, ctx):
-    """One discriminator step on real x and *detached* reconstructions, with lazy R1 every r1_every steps."""
-    with ctx:
-        loss = S.d_loss(disc(x), disc(x_hat.detach()))
+def d_backward(disc, x, x_hat, lc, step, ctx, scale=1.0):
+    """The discriminator's loss on real x and *detached* reconstructions, with lazy R1 every r1_every steps;
+    scale * loss backpropagated. Returns the detached (loss, r1).
+
+    Under DDP, disc is the DDP module, and R1 runs on the plain module inside it, *before* the DDP forward:
+    R1 differentiates D's output w.r.t. its input with create_graph, which DDP's reducer does not support.
+    The R1 gradients land in .grad unsynchronised, and the DDP backward that follows averages everything
+    .grad then holds over the ranks (as it does for the no-sync micro-steps), R1 included. D's
+    minibatch-stddev layer sees each rank's own batch, so D's loss is not that of the global batch."""
+    plain = disc.module if isinstance(disc, DDP) else disc
     r1 = torch.zeros((), device=x.device)
     if step % lc.r1_every == 0:
-        r1 = S.r1_penalty(disc, x)
-        loss = loss + lc.r1_gamma / 2 * lc.r1_every * r1  # scaled by the interval, as in StyleGAN2
+        r1 = S.r1_penalty(plain, x)
+        # scaled by the interval, as in StyleGAN2
+        (scale * lc.r1_gamma / 2 * lc.r1_every * r1).backward()
+    with ctx:
+        loss = S.d_loss(disc(x), disc(x_hat.detach()))
+    (scale * loss).backward()
+    return (loss + lc.r1_gamma / 2 * lc.r1_every * r1).detach().float(), r1.detach().float()
+
+
+def d_step(disc, opt_d, x, x_hat, lc, step, ctx):
+    """One whole discriminator step on one batch (d_backward, then the optimizer) -> (loss, r1)."""
     opt_d.zero_grad(set_to_none=True)
-    loss.backward()
+    out = d_backward(disc, x, x_hat, lc, step, ctx)
     opt_d.step()
-    return loss.detach().float(), r1.detach().float()
+    return out
 
 
 @torch.no_grad()
@@ -223,20 +258,26 @@ def evaluate(model, val, tc, mc, device, ctx):
 
 def main(argv=None):
     args = parse(argv)
-    tc, mc, lc, ckpt, init = configure(args)
-    device = S.pick_device(tc.device)
-    torch.manual_seed(tc.seed)
+    tc, mc, lc, ckpt, init = configure(args)  # every rank: the checks, and the checkpoint it resumes
+    ddp, rank, _, world, device = S.setup_distributed(tc.device, tc.backend)
+    master = rank == 0  # logs, evaluates, writes grids and checkpoints; the others only train
+    # A seed offset per rank: Reg-VQ's stochastic masks differ across ranks. The ranks' different initial
+    # weights do not matter: DDP copies rank 0's to all at the wrap (the random VGG has its own seed).
+    torch.manual_seed(tc.seed + rank)
     torch.backends.cudnn.benchmark = True
     ctx = S.autocast(device)
 
     ds, _ = S.load_dataset(tc.data, tc.data_root, mc.image_size, train=True)
-    if len(ds) < tc.batch_size:
-        raise S.SeqganError(f"{tc.data} has {len(ds)} images, fewer than --batch-size {tc.batch_size}")
+    global_batch = tc.batch_size * tc.grad_accum * world  # images per optimizer step, over all ranks
+    if len(ds) < global_batch:
+        raise S.SeqganError(f"{tc.data} has {len(ds)} images, fewer than --batch-size {tc.batch_size}"
+                            + (f" x {tc.grad_accum * world} (micro-steps x processes)" if global_batch > tc.batch_size else ""))
     if tc.data in ("cifar10", "fashion-mnist"):
         val, _ = S.load_dataset(tc.data, tc.data_root, mc.image_size, train=False)
     else:
         val = ds  # an image folder has no split: evaluate on its first images
     val = torch.utils.data.Subset(val, range(min(tc.eval_images, len(val))))
+    # frozen, never wrapped in DDP: it has nothing to synchronise
     perceptual = S.PerceptualLoss(lc.alpha, S.load_vgg16(tc.vgg_weights)).to(device)
 
     model = S.Tokenizer(mc)
@@ -265,65 +306,106 @@ def main(argv=None):
         step = ckpt["step"]
     g_model = torch.compile(model) if tc.compile else model
     g_disc = torch.compile(disc) if tc.compile else disc
+    d_disc = g_disc  # the discriminator of the D step; G's adversarial term uses the plain g_disc
+    if ddp:
+        # Compile first, then wrap (nanoGPT). DDP keeps only parameters that require grad in sync, so in
+        # phase 2 only the decoder's (encoder and codebook are frozen); in phase 1 every parameter of the
+        # tokenizer gets a gradient, as DDP needs without find_unused_parameters. Checkpoints, evaluation
+        # and G's adversarial term use the plain modules.
+        ids = [device.index] if device.type == "cuda" else None
+        g_model, d_disc = DDP(g_model, device_ids=ids), DDP(g_disc, device_ids=ids)
 
-    os.makedirs(tc.out, exist_ok=True)
     ckpt_path, log_path = os.path.join(tc.out, "ckpt.pt"), os.path.join(tc.out, "log.txt")
+    if master:
+        os.makedirs(tc.out, exist_ok=True)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    header = (f"phase {tc.phase} | {tc.data} ({len(ds)} images) | device {device} | tokenizer "
-              f"{S.count_params(model) / 1e6:.2f}M ({n_train / 1e6:.2f}M trained), D {S.count_params(disc) / 1e6:.2f}M | "
-              f"{mc.grid}x{mc.grid} tokens, K={mc.n_codes} | alpha {lc.alpha} | start step {step}")
+    header = (f"phase {tc.phase} | {tc.data} ({len(ds)} images) | device {device}{f' x {world} processes' if ddp else ''}"
+              f" | tokenizer {S.count_params(model) / 1e6:.2f}M ({n_train / 1e6:.2f}M trained), "
+              f"D {S.count_params(disc) / 1e6:.2f}M | {mc.grid}x{mc.grid} tokens, K={mc.n_codes} | alpha {lc.alpha} | "
+              f"global batch {S.batch_text(tc.batch_size, tc.grad_accum, world)} | start step {step}")
 
     def log(line):
-        tqdm.write(line)
-        with open(log_path, "a") as f:
-            f.write(line + "\n")
+        if master:
+            tqdm.write(line)
+            with open(log_path, "a") as f:
+                f.write(line + "\n")
 
     log(header)
+    warning = S.batch_change_warning(ckpt, tc.batch_size, tc.grad_accum, world) if ckpt is not None else None
+    if warning:
+        log(warning)
     log(f"config: {asdict(tc)} {asdict(mc)} {asdict(lc)}")
 
     def save():
         S.save_checkpoint(ckpt_path, dict(kind="tokenizer", phase=tc.phase, step=step, model_config=asdict(mc),
-                                          loss_config=asdict(lc), train_config=asdict(tc),
+                                          loss_config=asdict(lc), train_config=asdict(tc), world_size=world,
                                           model=model.state_dict(), disc=disc.state_dict(),
                                           opt_g=opt_g.state_dict(), opt_d=opt_d.state_dict()))
 
-    data = batches(ds, tc, step, device)
+    data = batches(ds, tc, step, device, rank, world)
     names = ["loss", "l1", "perceptual", "l_low", "l_sem", "codebook", "commitment", "entropy", "g_adv", "pcl", "kd",
              "d_loss", "r1"]
-    acc = torch.zeros(len(names), device=device)  # running sums, read back only at log time (no host sync per step)
+    # Running sums and code counts, summed over the ranks and read back only at log time: no per-step sync.
+    acc = torch.zeros(len(names), device=device)
     counts = torch.zeros(mc.n_codes, device=device, dtype=torch.long)
     n_acc, t0, zero = 0, time.time(), torch.zeros((), device=device)
+    micro_steps = range(tc.grad_accum)
     # the with-block closes the bar on an error too, so the error line stands on its own
-    with tqdm(total=tc.steps, initial=step, desc=f"phase {tc.phase}", dynamic_ncols=True) as bar:
+    with tqdm(total=tc.steps, initial=step, desc=f"phase {tc.phase}", dynamic_ncols=True, disable=not master) as bar:
         while step < tc.steps:
             lr = get_lr(step, tc)
             for opt in (opt_g, opt_d):
                 for group in opt.param_groups:
                     group["lr"] = lr
-            x = S.to_input(next(data)[0], device, mc.image_size)
 
+            # G: the micro-steps add up the gradient of the global batch, each loss divided by their
+            # number. DDP all-reduces only in the last micro-step's backward: the official way is the
+            # no_sync() context manager, which only toggles this flag (nanoGPT does the same).
             gan_w = S.gan_weight_at(step, lc) if not mc.feature_dim else 0.0
-            if mc.feature_dim:
-                x_hat, idx, terms = kd_step(g_model, perceptual, opt_g, x, lc, ctx)
-            else:
-                x_hat, idx, terms = g_step(g_model, g_disc, perceptual, opt_g, x, lc, tc.phase, gan_w, ctx)
+            opt_g.zero_grad(set_to_none=True)
+            xs, x_hats, terms = [], [], 0
+            for micro in micro_steps:
+                x = S.to_input(next(data)[0], device, mc.image_size)
+                if ddp:
+                    g_model.require_backward_grad_sync = micro == micro_steps[-1]
+                if mc.feature_dim:
+                    x_hat, idx, t = kd_backward(g_model, perceptual, x, lc, ctx, 1 / tc.grad_accum)
+                else:
+                    x_hat, idx, t = g_backward(g_model, g_disc, perceptual, x, lc, tc.phase, gan_w, ctx, 1 / tc.grad_accum)
+                terms = terms + t / tc.grad_accum
+                S.count_codes(counts, idx)
+                xs.append(x)
+                x_hats.append(x_hat.detach())
+            opt_g.step()
+
+            # D, on the same micro-batches and the detached reconstructions
             d, r1 = zero, zero
             if step >= lc.gan_start and not mc.feature_dim:
-                d, r1 = d_step(g_disc, opt_d, x, x_hat, lc, step, ctx)
+                opt_d.zero_grad(set_to_none=True)
+                for micro in micro_steps:
+                    if ddp:
+                        d_disc.require_backward_grad_sync = micro == micro_steps[-1]
+                    d_m, r1_m = d_backward(d_disc, xs[micro], x_hats[micro], lc, step, ctx, 1 / tc.grad_accum)
+                    d, r1 = d + d_m / tc.grad_accum, r1 + r1_m / tc.grad_accum
+                opt_d.step()
 
-            acc += torch.stack([*terms, d, r1])
-            S.count_codes(counts, idx)
+            acc += torch.cat([terms, torch.stack([d, r1])])
             n_acc += 1
             step += 1
             bar.update(1)
 
             if step % tc.log_every == 0 or step == tc.steps:
-                vals = dict(zip(names, (acc / n_acc).tolist()))  # the one host sync of the interval
+                # the one sync and host read of the interval; every rank sees the same numbers, so a
+                # non-finite loss stops them all alike
+                vals = dict(zip(names, (S.all_reduce_sum(acc) / (n_acc * world)).tolist()))
+                S.all_reduce_sum(counts)
                 if not all(map(torch.isfinite, torch.tensor(list(vals.values())))):
                     raise S.SeqganError(f"non-finite loss at step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in vals.items())
                                         + f"; lower --lr (now {tc.lr}) or check the data. Last good checkpoint: {ckpt_path}")
                 usage, ppl = S.codebook_usage(counts)
-                ips = n_acc * tc.batch_size / (time.time() - t0)
+                ips = n_acc * global_batch / (time.time() - t0)
+                # Under DDP the entropy term (and its log) is of each rank's batch, averaged over the ranks:
+                # the quantizer's soft usage is a mean over the rank's own positions, not over the global batch.
                 log(f"step {step} | " + " ".join(f"{k} {v:.4f}" for k, v in vals.items())
                     + f" | H/logK {vals['entropy'] / torch.log(torch.tensor(mc.n_codes)).item():.3f}"
                     + f" | usage {usage.item():.3f} ppl {ppl.item():.1f} | gan_w {gan_w:.3f} lr {lr:.2e} | {ips:.1f} img/s")
@@ -332,7 +414,9 @@ def main(argv=None):
                 counts.zero_()
                 n_acc, t0 = 0, time.time()
 
-            if step % tc.eval_every == 0 or step == tc.steps:
+            if master and (step % tc.eval_every == 0 or step == tc.steps):
+                # rank 0 alone, on the plain model (no collective inside); the others go on and wait for it
+                # in the next step's gradient all-reduce
                 metrics, first = evaluate(model, val, tc, mc, device, ctx)
                 log(f"eval step {step} | PSNR {metrics['psnr']:.2f} dB | usage {metrics['usage']:.3f} "
                     f"({round(metrics['usage'] * mc.n_codes)}/{mc.n_codes} codes) | perplexity {metrics['perplexity']:.1f}")
@@ -345,6 +429,7 @@ def main(argv=None):
                 save()
                 t0 = time.time()
     log(f"done: {ckpt_path}")
+    S.teardown()
 
 
 if __name__ == "__main__":
