@@ -1132,6 +1132,16 @@ def test_phase1_then_phase2_end_to_end(phase1_ckpt, image_folder, tmp_path):
     assert tok.decode_indices(torch.zeros(1, 8, 8, dtype=torch.long)).shape == (1, 3, 32, 32)
 
 
+def test_perceptual_weight_zero_never_builds_vgg(image_folder, tmp_path, monkeypatch):
+    """--perceptual-weight 0 (no PCL, no VQ-KD) trains L1 + VQ (+ GAN) without loading VGG16 at all."""
+    def no_vgg(weights):
+        raise AssertionError("VGG16 was loaded")
+    monkeypatch.setattr(S, "load_vgg16", no_vgg)
+    out = tmp_path / "run"
+    train_tokenizer.main(TINY + ["--data", image_folder, "--perceptual-weight", "0", "--steps", "2", "--out", str(out)])
+    assert S.load_checkpoint(str(out / "ckpt.pt"), "tokenizer")["step"] == 2
+
+
 def test_resume_continues_step_count(image_folder, tmp_path):
     """2 steps, then --resume to 4: the step count, the optimizers and the model carry on."""
     out = str(tmp_path / "run")

@@ -162,8 +162,8 @@ def g_backward(model, disc, perceptual, x, lc, phase, gan_w, ctx, scale=1.0):
     with ctx:
         x_hat, idx, q = model(x)
         l1 = (x_hat.float() - x).abs().mean()
-        l_p, p_terms = perceptual(x_hat, x)
         zero = torch.zeros((), device=x.device)
+        l_p, p_terms = perceptual(x_hat, x) if perceptual is not None else (zero, dict(l_low=zero, l_sem=zero))
         g_adv = S.g_loss(disc(x_hat)) if gan_w > 0 else zero
         loss = lc.l1_weight * l1 + lc.perceptual_weight * l_p + gan_w * g_adv
         if phase == 1:  # phase 2: encoder and codebook are frozen, their terms are only logged
@@ -277,8 +277,11 @@ def main(argv=None):
     else:
         val = ds  # an image folder has no split: evaluate on its first images
     val = torch.utils.data.Subset(val, range(min(tc.eval_images, len(val))))
-    # frozen, never wrapped in DDP: it has nothing to synchronise
-    perceptual = S.PerceptualLoss(lc.alpha, S.load_vgg16(tc.vgg_weights)).to(device)
+    # frozen, never wrapped in DDP: it has nothing to synchronise. Not built when no term uses it
+    # (--perceptual-weight 0 without PCL or VQ-KD): quick CPU ablations need no VGG16 at all.
+    perceptual = None
+    if lc.perceptual_weight > 0 or lc.pcl_weight > 0 or mc.feature_dim:
+        perceptual = S.PerceptualLoss(lc.alpha, S.load_vgg16(tc.vgg_weights)).to(device)
 
     model = S.Tokenizer(mc)
     disc = S.Discriminator(mc.image_size, lc.disc_channels, lc.disc_max_channels)
