@@ -425,7 +425,7 @@ def main(argv=None):
                     f"({round(metrics['usage'] * mc.n_codes)}/{mc.n_codes} codes) | perplexity {metrics['perplexity']:.1f}")
                 if metrics["usage"] < 0.1:
                     log(f"warning: only {round(metrics['usage'] * mc.n_codes)}/{mc.n_codes} codes used; "
-                        "raise --entropy-weight or --entropy-temp")
+                        "raise --entropy-weight or lower --entropy-temp")
                 if first is not None:  # top row inputs, bottom row reconstructions
                     torchvision.utils.save_image(torch.cat(first), os.path.join(tc.out, f"recon_{step:07d}.png"),
                                                  nrow=len(first[0]), normalize=True, value_range=(-1, 1))
