@@ -179,7 +179,7 @@ def main(argv=None):
     if not cfg.tokenizer and not os.path.isfile(tok_path):
         raise S.SeqganError(f"the prior's tokenizer {tok_path} is gone; pass --tokenizer CKPT")
     tok_ckpt = S.load_checkpoint(tok_path, "tokenizer")
-    tok = S.load_tokenizer(tok_path)  # frozen, eval mode, and refuses one without a pixel decoder
+    tok = S.load_tokenizer(tok_path, ckpt=tok_ckpt)  # frozen, eval mode, and refuses one without a pixel decoder
     tcfg = tok.cfg
     if (tcfg.n_codes, tcfg.grid ** 2) != (pcfg.n_codes, pcfg.grid):
         raise S.SeqganError(f"tokenizer {tok_path} has {tcfg.n_codes} codes and {tcfg.grid}x{tcfg.grid} = {tcfg.grid ** 2} "

@@ -711,6 +711,7 @@ class PerceptualLoss(nn.Module):
         zero = x_hat.new_zeros((), dtype=torch.float32)
         l_low = sum(mse[k] for k in LOW_LAYERS) if self.alpha < 1 else zero
         l_sem = sum(mse[k] for k in SEM_LAYERS) if sem else zero
+        # Eq. 3: L_alpha = alpha * L_sem + (1 - alpha) * L_low
         return self.alpha * l_sem + (1 - self.alpha) * l_low, dict(l_low=l_low, l_sem=l_sem, features=(f_hat, f))
 
 
@@ -1301,9 +1302,10 @@ def tokenizer_from_checkpoint(ckpt):
     return tok
 
 
-def load_tokenizer(path, device="cpu"):
-    """A trained tokenizer with a pixel decoder, frozen and in eval mode, for priors, sampling, evaluation."""
-    tok = tokenizer_from_checkpoint(load_checkpoint(path, "tokenizer"))
+def load_tokenizer(path, device="cpu", ckpt=None):
+    """A trained tokenizer with a pixel decoder, frozen and in eval mode, for priors, sampling, evaluation.
+    ckpt: the checkpoint dict at path if the caller has already loaded it (it is read only once)."""
+    tok = tokenizer_from_checkpoint(ckpt if ckpt is not None else load_checkpoint(path, "tokenizer"))
     if tok.cfg.feature_dim:
         raise SeqganError(f"{path} is a VQ-KD phase-1 tokenizer: it has no pixel decoder yet; run "
                           f"train_tokenizer.py --phase 2 --init {path} first")

@@ -246,7 +246,7 @@ def main(argv=None):
     torch.manual_seed(tc.seed * 1_000_003 + step + rank)
     ctx = S.autocast(device)
 
-    tok = S.load_tokenizer(tc.tokenizer, device)  # frozen, eval mode, and refuses one without a pixel decoder
+    tok = S.load_tokenizer(tc.tokenizer, device, ckpt=tok_ckpt)  # frozen, eval mode, and refuses one without a pixel decoder
     train_ds, val_ds, n_classes = split(tc, tok.cfg.image_size)
     cfg = replace(shape, n_codes=tok.cfg.n_codes, grid=tok.cfg.grid ** 2, n_classes=0 if tc.uncond else n_classes,
                   causal=tc.model == "ar")
