@@ -50,16 +50,20 @@ def reuse_random_vgg(monkeypatch, random_vgg):
     monkeypatch.setattr(S, "load_vgg16", lambda w: random_vgg if w == "random" else load(w))
 
 
+def write_class_folder(root, n, shape, classes, name="{}.png"):
+    """n random RGB PNGs of shape (H, W); image i goes into the subfolder classes[i % 2]."""
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        d = root / classes[i % 2]
+        d.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (*shape, 3), dtype=np.uint8)).save(d / name.format(i))
+    return str(root)
+
+
 @pytest.fixture(scope="session")
 def image_folder(tmp_path_factory):
     """12 real-size PNGs (36x40, not square) in two class subfolders."""
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i in range(12):
-        d = root / ("cats" if i % 2 else "dogs")
-        d.mkdir(exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (36, 40, 3), dtype=np.uint8)).save(d / f"{i}.png")
-    return str(root)
+    return write_class_folder(tmp_path_factory.mktemp("images"), 12, (36, 40), ("dogs", "cats"))
 
 
 @pytest.fixture(scope="session")
@@ -1167,13 +1171,7 @@ TINY_PRIOR = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--batch-size
 @pytest.fixture(scope="session")
 def prior_images(tmp_path_factory):
     """24 random 32x32 PNGs in two class folders, a (label 0) and b (label 1)."""
-    root = tmp_path_factory.mktemp("prior_images")
-    rng = np.random.default_rng(0)
-    for i in range(24):
-        d = root / ("a" if i % 2 else "b")
-        d.mkdir(exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(d / f"{i}.png")
-    return str(root)
+    return write_class_folder(tmp_path_factory.mktemp("prior_images"), 24, (32, 32), ("b", "a"))
 
 
 @pytest.fixture(scope="session")
@@ -1686,13 +1684,7 @@ def files(folder):
 @pytest.fixture(scope="module")
 def ddp_images(tmp_path_factory):
     """24 random 32x32 PNGs in two class folders."""
-    root = tmp_path_factory.mktemp("ddp_images")
-    rng = np.random.default_rng(0)
-    for i in range(24):
-        d = root / ("a" if i % 2 else "b")
-        d.mkdir(exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(d / f"{i:02d}.png")
-    return str(root)
+    return write_class_folder(tmp_path_factory.mktemp("ddp_images"), 24, (32, 32), ("b", "a"), name="{:02d}.png")
 
 
 @pytest.fixture(scope="module")
