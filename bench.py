@@ -74,7 +74,7 @@ def tokenizer_stage(bc, phase, device, compiled):
     if phase == 2:
         model.encoder.requires_grad_(False)
         model.quantizer.requires_grad_(False)
-    perceptual = S.PerceptualLoss(lc.alpha, VGG).to(device)
+    perceptual = S.PerceptualLoss(lc.alpha, VGG, lc.perceptual_norm, lc.perceptual_size).to(device)
     fused = dict(fused=True) if device.type == "cuda" else {}
     opt_g = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4, **fused)
     opt_d = torch.optim.Adam(disc.parameters(), lr=1e-4, betas=(0.0, 0.99), **fused)

@@ -3,6 +3,7 @@ FID, Inception Score and tokenizer reconstruction metrics, computed as pytorch-f
 
   python fid.py real/ samples/                          # FID of two image folders (searched recursively)
   python fid.py real/ --save-stats real.npz             # cache statistics, then: python fid.py real.npz samples/
+  python fid.py real.npz samples.npz                    # two statistics files (also pytorch-fid's): no network
   python fid.py samples/ --is                           # Inception Score, 10 splits
   python fid.py --recon out/tokenizer/ckpt.pt --images val/   # rFID, PSNR and codebook usage
   torchrun --standalone --nproc_per_node=8 fid.py real/ samples/   # 8 GPUs: each a shard, the same numbers
@@ -461,7 +462,9 @@ def main(argv=None):
                 load_stats(path)
             else:
                 S.list_images(path)
-        model = load_inception(args.inception_weights, device)
+        # two statistics files are two Gaussians: no network (nor its weights) is needed to compare them
+        folders = [p for p in args.paths if not p.endswith(".npz")]
+        model = load_inception(args.inception_weights, device) if folders else None
         s1, s2 = (stats_for(p, model, device, **kw) for p in args.paths)  # every rank: the features are gathered
         S.teardown()
         if not master:

@@ -3,6 +3,7 @@ Sample images from a trained prior (numbered PNGs for fid.py), or show what the 
 from the true tokens of real images (paper Fig. 4: input | reconstruction | teacher-forced prediction).
 
   python sample.py --prior out/prior_ar/ckpt.pt --n 10000        # -> out/prior_ar/samples/000000.png ...
+                                                                 #    and out/prior_ar/samples_grid.png
   python sample.py --prior out/prior_nar/ckpt.pt --n 64 --class 3 --temperature 0.45 --out out/class3
   python sample.py --prior out/prior_ar/ckpt.pt --visualize --images data/val_images --n 16
   torchrun --standalone --nproc_per_node=8 sample.py --prior out/prior_ar/ckpt.pt --n-images 50000  # 8 GPUs
@@ -33,11 +34,13 @@ class SampleConfig:
     out: str = knob("", "output folder; default: samples/ (or visualize/) beside the prior's ckpt.pt")
     n: int = knob(64, "images to generate (--visualize: input images to show, at most)")
     batch_size: int = knob(64, "images per batch (per GPU); image i draws from its own generator seeded by (seed, i)")
-    temperature: float = knob(0.0, "softmax temperature; 0 = paper: 1.0 AR, 0.65 NAR (0.45 on ImageNet)")
+    temperature: float = knob(0.0, "temperature of the token logits; 0 = paper: 1.0 AR, 0.65 NAR (0.45 on ImageNet: "
+                                   "Table 10's NAR sampling temperature, read as the logits'; see README)")
     top_k: int = knob(0, "AR only: keep the k most likely tokens (0 = all)")
     top_p: float = knob(0.0, "AR only: nucleus mass; 0 = paper: 0.98 (0.92 on ImageNet)")
     steps: int = knob(12, "NAR only: MaskGIT decoding steps")
-    choice_temperature: float = knob(4.5, "NAR only: scale of the Gumbel noise on confidences, annealed to 0")
+    choice_temperature: float = knob(4.5, "NAR only: MaskGIT's choice temperature, the scale of the Gumbel noise "
+                                          "on confidences, annealed to 0 (MaskGIT's 4.5)")
     seed: int = knob(0, "random seed")
     device: str = knob("auto", "auto (CUDA if present), cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)")
     backend: str = knob("auto", "torch.distributed backend under torchrun: auto (nccl on GPUs, gloo on CPU), "
@@ -91,9 +94,17 @@ def to_uint8(x):
     return ((x.float().clamp(-1, 1) + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
+def grid_path(out):
+    """Where the grid of the first samples goes: beside the samples folder (out/prior_ar/samples ->
+    out/prior_ar/samples_grid.png), so that the folder holds exactly the --n samples fid.py should score."""
+    return os.path.abspath(out) + "_grid.png"
+
+
 @torch.no_grad()
 def sample(model, tok, cfg, settings, labels, nrow, out, device, rank=0, world=1):
-    """Write cfg.n samples as out/000000.png, ... and the first (up to 64, whole rows) as out/grid.png.
+    """Write cfg.n samples as out/000000.png, ... and the first (up to 64, whole rows) as grid_path(out),
+    beside the folder, not in it: fid.py scores every image in the folder, so a grid inside would count
+    as one more sample.
 
     Image i draws from its own generator, seeded by (seed, i), so it does not depend on which batch or
     GPU makes it. Under torchrun each rank makes a contiguous run of whole batches: every batch holds
@@ -120,7 +131,7 @@ def sample(model, tok, cfg, settings, labels, nrow, out, device, rank=0, world=1
         n_grid = min(cfg.n, nrow * max(1, 64 // nrow))
         grid = torch.stack([torch.from_numpy(np.array(Image.open(os.path.join(out, f"{i:06d}.png"))))
                             for i in range(n_grid)])  # (n, H, W, 3) uint8
-        torchvision.utils.save_image(grid.permute(0, 3, 1, 2) / 255, os.path.join(out, "grid.png"), nrow=min(nrow, n_grid))
+        torchvision.utils.save_image(grid.permute(0, 3, 1, 2) / 255, grid_path(out), nrow=min(nrow, n_grid))
 
 
 @torch.no_grad()
@@ -226,12 +237,15 @@ def main(argv=None):
         return
     # written last, so its presence marks a complete sample set; FID depends strongly on these settings
     classes = "unconditional" if not pcfg.n_classes else "cycle" if label is None else "fixed"
-    record = {**asdict(cfg), **settings, "class": label, "classes": classes, "model": "ar" if pcfg.causal else "nar",
+    # both NAR temperatures, and which one --temperature is: Table 10's "sampling temperature" reads either way
+    # (seqgan.generate_maskgit); AR: choice_temperature None
+    record = {**asdict(cfg), **settings, "temperature_on": "token logits", "grid": grid_path(out),
+              "class": label, "classes": classes, "model": "ar" if pcfg.causal else "nar",
               "prior": os.path.abspath(cfg.prior), "prior_step": ckpt["step"], "tokenizer": os.path.abspath(tok_path),
               "decoder_phase": phase, "out": out}
     with open(os.path.join(out, "sampling.json"), "w") as f:
         json.dump(record, f, indent=2)
-    print(f"wrote {cfg.n} PNGs, grid.png and sampling.json to {out}")
+    print(f"wrote {cfg.n} PNGs and sampling.json to {out}, the grid of the first ones to {grid_path(out)}")
     S.teardown()
 
 

@@ -255,7 +255,9 @@ OBJECTIVES = {
     "seqgan": dict(),  # this paper: alpha = 1 then a phase-2 decoder with alpha = 0
     # Reg-VQ (Zhang et al., CVPR 2023) on a VQGAN-like base (alpha = 0): the prior regularisation is
     # the same KL(P || uniform) line as SeQ-GAN's entropy term; plus stochastic mask m = 0.4 and PCL.
-    "regvq": dict(alpha=0.0, mask_ratio=0.4, pcl_weight=0.1),
+    # tau = 0.01, measured (README, Choices): at tau 1 or 0.1 a young codebook's softmax(-D / tau) is
+    # uniform, so a masked position gets a random code (sample_changed 0.996 = 1 - 1/256) and the KL is 0.
+    "regvq": dict(alpha=0.0, mask_ratio=0.4, pcl_weight=0.1, entropy_temp=0.01),
     # VQ-KD (Wang et al., NeurIPS 2024): phase 1 reconstructs a frozen network's features (VGG16
     # relu5_3 here) with a cosine codebook; phase 2 trains a pixel decoder as SeQ-GAN's phase 2.
     "vqkd": dict(cosine_codebook=True),
@@ -311,6 +313,10 @@ class LossConfig:
     alpha: float = knob(1.0, "Eq. 3 mix: 1 = semantic (relu5_3 + logits), 0 = low-level (five relu taps)")
     l1_weight: float = knob(1.0, "weight of the pixel L1 term")
     perceptual_weight: float = knob(1.0, "weight of L_alpha")
+    perceptual_norm: str = knob("energy", "per-layer error of Eq. 3: energy (MSE / target feature energy; "
+                                          "ours, independent of the VGG checkpoint's scale) or none (paper's plain MSE)")
+    perceptual_size: int = knob(0, "resize the VGG16 input to this size (0 = the image size; costs (size/32)^2 "
+                                   "more VGG time at 32 px)")
     gan_weight: float = knob(0.1, "fixed weight of the generator's GAN term (MaskGIT's 0.1)")
     gan_start: int = knob(5000, "step at which the discriminator starts training")
     gan_warmup: int = knob(2000, "steps over which the GAN weight ramps from 0 while D warms up")
@@ -325,10 +331,18 @@ class LossConfig:
 
 # Named presets are just field overrides; flags given on the command line win.
 PRESETS = {
-    "classroom": dict(),
+    # At 32 px VGG16's relu5_3 is 2x2 and L_sem's gradient on the image is ~30x L1's while carrying almost
+    # no spatial information: weight 0.1 keeps alpha = 1 reconstructing (README, "Loss balance").
+    "classroom": dict(perceptual_weight=0.1),
     # Table 7: channels 128-128-256-256-512, f = 16 at 256 px, 16x16 tokens.
     "paper": dict(image_size=256, channels=128, ch_mult=(1, 1, 2, 2, 4), attn_block=8,
                   r1_gamma=1.0, gan_start=50000, disc_channels=64),
+    # 2 CPU cores, Fashion-MNIST: a 1.1M tokenizer (K = 256 codes of 32-d), 8x8 tokens, D from step 400
+    # of 600. Phase 1 takes about 10 minutes with the ImageNet VGG16 (README, "A CPU classroom run").
+    # lr 4e-4 (4x the paper's 1e-4, cosine to 5e-5): L1 0.58 vs 0.77 at step 100 (README, "A CPU classroom run").
+    "cpu": dict(data="fashion-mnist", channels=32, code_dim=32, n_codes=256, batch_size=16, steps=600, lr=4e-4,
+                perceptual_weight=0.1, gan_start=400, gan_warmup=100, disc_channels=32, log_every=50, eval_every=300, eval_images=500,
+                num_workers=0),
 }
 
 
@@ -357,12 +371,11 @@ class ResBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, stride=2)
+    """2x2 average pooling, no parameters (MaskGIT's VQGAN of the same shape). With it the paper preset
+    has Table 7's 54.5M parameters; taming's strided 3x3 convs would add 1.5M (55.9M)."""
 
     def forward(self, x):
-        return self.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric pad: exact halving, as in taming
+        return F.avg_pool2d(x, 2)
 
 
 class Upsample(nn.Module):
@@ -429,6 +442,13 @@ class VectorQuantizer(nn.Module):
       kl_uniform      KL(P || uniform) = log K - H(P)
       loss            codebook + beta * commitment + gamma * kl_uniform
       sample_dist     |e_sampled - e_nearest|^2 per position (Reg-VQ's PCL weights; 0 without sampling)
+      sample_changed  fraction of the stochastically masked positions whose sampled code is not the
+                      nearest one (0 without sampling): how much the mask does at this tau
+    The KL is taken as KL(P || uniform), predicted || prior, = sum_k p_k log(K p_k) = log K - H(P). This
+    is Reg-VQ's prior distribution regularisation (the discrepancy between the predicted token
+    distribution and a uniform prior) and SeQ-GAN's entropy term in one: its gradient is that of -H(P).
+    The other direction, KL(uniform || P) = -log K - mean_k log p_k, is infinite as soon as one code's
+    soft usage underflows to 0 and weighs the rarest codes most; this one stays finite and bounded by log K.
     Two switches for the related objectives (both off for SeQ-GAN):
       mask_ratio m    Reg-VQ's stochastic mask: in training, a random fraction m of positions takes a
                       code *sampled* from softmax(-D / tau) instead of the nearest one
@@ -485,6 +505,7 @@ class VectorQuantizer(nn.Module):
             # Straight-through: the forward value is z_q, the backward pass copies the gradient to z_e.
             z_st = z + (z_q - z).detach()
             sample_dist = torch.zeros_like(d[:, 0])
+            sample_changed = torch.zeros((), device=z.device)
             if self.training and self.mask_ratio > 0:
                 # Reg-VQ stochastic mask: the chosen positions draw k ~ softmax(-D / tau) by Gumbel-max;
                 # the gradient flows through the Gumbel-softmax relaxation (straight-through one-hot).
@@ -495,10 +516,11 @@ class VectorQuantizer(nn.Module):
                 one_hot = F.one_hot(k, self.n_codes).float() - soft.detach() + soft
                 z_st = torch.where(chosen[:, None], one_hot @ e, z_st)
                 sample_dist = torch.where(chosen, (e[k] - z_q).pow(2).sum(1).detach(), sample_dist)
+                sample_changed = (chosen & (k != idx)).sum() / chosen.sum().clamp_min(1)  # no host sync
                 idx = torch.where(chosen, k, idx)
         z_q = z_st.reshape(B, h, w, D).permute(0, 3, 1, 2).to(z_e.dtype)
         terms = dict(loss=loss, codebook_loss=codebook_loss, commitment_loss=commitment_loss, entropy=entropy,
-                     kl_uniform=kl_uniform, sample_dist=sample_dist.reshape(B, h, w))
+                     kl_uniform=kl_uniform, sample_dist=sample_dist.reshape(B, h, w), sample_changed=sample_changed)
         return z_q, idx.reshape(B, h, w), terms
 
 
@@ -539,7 +561,7 @@ class Encoder(nn.Module):
                 blocks.append(ResBlock(c, ch))
                 c = ch
             if not lowest:
-                blocks.append(Downsample(c))
+                blocks.append(Downsample())
         self.blocks = nn.Sequential(*blocks)
         self.norm_out = Normalize(c)
         self.conv_out = nn.Conv2d(c, cfg.code_dim, 1)
@@ -551,7 +573,7 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """Mirror of the encoder. With cfg.dec_attn (phase 2) each of the n_res ResBlocks of every
     level is followed by a BlockAttention (the extra lowest-level blocks stay plain); at the
-    paper preset this adds 3.4M parameters, the 54.5M -> 57.9M of section 4. The attention
+    paper preset this adds 3.42M parameters: 54.45M -> 57.87M (section 4: 54.5M -> 57.9M). The attention
     layers live in their own ModuleDict so phase-1 weights keep their names."""
 
     def __init__(self, cfg):
@@ -676,19 +698,36 @@ def load_vgg16(weights):
 class PerceptualLoss(nn.Module):
     """Eq. 3: L_alpha = alpha * L_sem + (1 - alpha) * L_low.
 
-    L_low sums the mean squared feature error (1/(HWC) |phi(x_hat) - phi(x)|^2) over relu1_2,
-    relu2_2, relu3_3, relu4_3, relu5_3; L_sem over relu5_3 and the 1000 logits (classifier
-    output before softmax). relu5_3 is in both, so it keeps weight 1 for every alpha. The
-    classifier runs only when alpha > 0. Images are not resized: at 32 px relu5_3 is 2x2."""
+    L_low sums a per-layer feature error over relu1_2, relu2_2, relu3_3, relu4_3, relu5_3; L_sem over
+    relu5_3 and the 1000 logits (classifier output before softmax). relu5_3 is in both, so it keeps
+    weight 1 for every alpha. The classifier runs only when alpha > 0.
 
-    def __init__(self, alpha, vgg):
+    The per-layer error (norm):
+      'none'    the paper's plain mean squared error 1/(HWC) |phi(x_hat) - phi(x)|^2.
+      'energy'  (default, ours) the same MSE divided by the target's mean feature energy
+                mean(phi(x)^2) over the batch (no gradient): a relative squared error, 1 for an empty
+                reconstruction and 0 for a perfect one, whatever the layer. Under DDP the energy is that
+                of each rank's own batch.
+    Why 'energy' is the default: raw VGG16 activations span five orders of magnitude across layers
+    and depend on the checkpoint (the Oxford/Caffe ImageNet weights give relu3_3 MSEs near 10^6,
+    relu5_3 near 60, logits near 10, against a pixel L1 below 1), so with 'none' the balance of Eq. 3
+    against L1 and L_vq is set by the checkpoint, not by the method (README, "Loss balance"). Dividing
+    by the target's energy leaves each layer's gradient direction as in Eq. 3 and makes every term
+    invariant to a rescaling of the network (test_perceptual_balance_is_independent_of_vgg_scale).
+    size: resize the VGG input to size x size first (0 = as given; at 32 px relu5_3 is 2x2)."""
+
+    def __init__(self, alpha, vgg, norm="energy", size=0):
         super().__init__()
-        self.alpha, self.vgg = alpha, vgg
+        if norm not in ("energy", "none"):
+            raise SeqganError(f"unknown --perceptual-norm {norm}; use energy (default) or none (the paper's plain MSE)")
+        self.alpha, self.vgg, self.norm, self.size = alpha, vgg, norm, size
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
 
     def features(self, x, logits):
         """Images in [-1, 1] -> {tap name: activation}, plus 'logits' if asked for."""
+        if self.size and x.shape[-1] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
         h = ((x + 1) / 2 - self.mean) / self.std  # ImageNet normalisation
         out = {}
         for i, layer in enumerate(self.vgg.features[:30]):
@@ -700,6 +739,11 @@ class PerceptualLoss(nn.Module):
             out["logits"] = self.vgg.classifier(torch.flatten(h, 1))
         return out
 
+    def layer_error(self, f_hat, f):
+        """One layer's term: plain MSE ('none') or MSE / mean(f^2) ('energy')."""
+        mse = F.mse_loss(f_hat.float(), f.float())
+        return mse if self.norm == "none" else mse / f.float().pow(2).mean().clamp_min(1e-12)
+
     def forward(self, x_hat, x):
         """-> (L_alpha, {'l_low', 'l_sem', 'features'}); the unused term is 0 at alpha = 0 or 1;
         'features' = (taps of x_hat, taps of x), reused by Reg-VQ's contrastive loss."""
@@ -707,10 +751,10 @@ class PerceptualLoss(nn.Module):
         f_hat = self.features(x_hat, logits=sem)
         with torch.no_grad():
             f = self.features(x, logits=sem)
-        mse = {k: F.mse_loss(f_hat[k].float(), f[k].float()) for k in f_hat}
+        err = {k: self.layer_error(f_hat[k], f[k]) for k in f_hat}
         zero = x_hat.new_zeros((), dtype=torch.float32)
-        l_low = sum(mse[k] for k in LOW_LAYERS) if self.alpha < 1 else zero
-        l_sem = sum(mse[k] for k in SEM_LAYERS) if sem else zero
+        l_low = sum(err[k] for k in LOW_LAYERS) if self.alpha < 1 else zero
+        l_sem = sum(err[k] for k in SEM_LAYERS) if sem else zero
         # Eq. 3: L_alpha = alpha * L_sem + (1 - alpha) * L_low
         return self.alpha * l_sem + (1 - self.alpha) * l_low, dict(l_low=l_low, l_sem=l_sem, features=(f_hat, f))
 
@@ -853,6 +897,7 @@ class PriorConfig:
 # Table 8: 24 layers, 16 heads, d 768, MLP 3072 (4x), dropout 0.1 -> ~172M params;
 # large: d 1024, MLP 4096 -> ~305M. The paper gives no head count for large: 16 assumed.
 PRIOR_PRESETS = {
+    "cpu": dict(n_layer=4, n_head=4, n_embd=128, dropout=0.1),
     "classroom": dict(n_layer=8, n_head=8, n_embd=256, dropout=0.1),
     "base": dict(n_layer=24, n_head=16, n_embd=768, dropout=0.1),
     "large": dict(n_layer=24, n_head=16, n_embd=1024, dropout=0.1),
@@ -1138,6 +1183,15 @@ def generate_maskgit(model, n, y=None, steps=12, temperature=1.0, choice_tempera
     noise, and keeps masked the least confident, as many as maskgit_schedule says. Fixed
     tokens get confidence +inf, so they are never re-masked or changed. Paper: 12 steps,
     temperature 0.45 (ImageNet) / 0.65. on_step(t, idx), if given, sees the grid after each step.
+
+    Table 10's NAR "sampling temperature" has two readings: the temperature of the token logits, or
+    MaskGIT's choice temperature (MaskGIT's own decoder samples tokens at temperature 1 and anneals
+    Gumbel noise of scale 4.5 on the confidences). The defaults (sample.py, train_prior.py) take the
+    first: temperature 0.45 / 0.65 on the logits, choice_temperature 4.5 as MaskGIT. Why: "sampling
+    temperature" commonly means the temperature of the distribution tokens are drawn from; the table
+    lists it among the sampling settings as it lists the AR prior's top-p; and 0.45 / 0.65 are far from
+    MaskGIT's choice temperature 4.5, which the paper would then have cut seven- to tenfold without a word.
+    The other reading is temperature=1.0 with choice_temperature=0.45 / 0.65.
     generator: one, or a list of one per row (see uniforms); all draws are made up front.
     """
     cfg = model.cfg
@@ -1253,6 +1307,17 @@ def load_dataset(name, root, size, train=True):
     return ds, len(ds.classes)
 
 
+def export_test_images(name, out, n, root="data"):
+    """The first n test images of 'cifar10' or 'fashion-mnist' as PNGs in class subfolders, out/CLASS/NNNNN.png:
+    the real-image folder that fid.py (FID reference, --recon) and sample.py --visualize read.
+      python -c "import seqgan; seqgan.export_test_images('fashion-mnist', 'data/fmnist_test', 1000)" """
+    ds, _ = load_dataset(name, root, 32, train=False)
+    for i in range(min(n, len(ds))):
+        x, y = ds[i]
+        os.makedirs(os.path.join(out, str(int(y))), exist_ok=True)
+        Image.fromarray(x.permute(1, 2, 0).numpy()).save(os.path.join(out, str(int(y)), f"{i:05d}.png"))
+
+
 def to_input(x, device, size):
     """uint8 batch (B, 3, S, S) -> float on device in [-1, 1] at size x size."""
     x = x.to(device, non_blocking=True).float().div_(127.5).sub_(1)
@@ -1266,11 +1331,27 @@ def to_input(x, device, size):
 
 
 def save_checkpoint(path, ckpt):
-    """torch.save to a temp file, then rename: a crash never leaves a half-written checkpoint."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    """torch.save to a temp file, flushed and fsynced, renamed over path, then the folder fsynced: a kill
+    or a power loss leaves the old checkpoint or the new one, whole, never a half-written one. (Without
+    the fsyncs, a power loss can leave the rename on disk before the data it names.)"""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
     tmp = path + ".tmp"
-    torch.save(ckpt, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(ckpt, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    try:  # the rename is durable once the folder's entry is; a folder cannot be opened or fsynced everywhere
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def load_checkpoint(path, kind):

@@ -5,6 +5,7 @@ VGG16 and Inception are randomly initialised *on purpose* (--vgg-weights random)
   python -m pytest -q test_seqgan.py
 """
 
+import copy
 import math
 import os
 import json
@@ -13,7 +14,7 @@ import shutil
 import subprocess
 import sys
 import urllib.error
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -210,6 +211,39 @@ def test_mask_ratio_one_samples_from_softmax_of_minus_distance():
     assert observed[0] < 0.9 * idx.numel()  # really sampled, not the nearest code everywhere
 
 
+def test_sample_changed_is_the_fraction_of_masked_positions_not_given_the_nearest_code():
+    """sample_changed: of the stochastically masked positions, the fraction whose sampled code is not the
+    nearest one. 0 without the mask; at tau 1 on a young codebook (codes within 1/K of each other, so
+    softmax(-D) is nearly uniform) almost every sample is another code."""
+    torch.manual_seed(0)
+    z_e = torch.randn(4, 4, 8, 8)
+    assert quantizer(entropy_temp=1.0)(z_e)[2]["sample_changed"].item() == 0
+    q = quantizer(mask_ratio=1.0, entropy_temp=1.0)
+    nearest = q.eval()(z_e)[1]
+    assert q(z_e)[2]["sample_changed"].item() == 0  # eval: no sampling
+    _, idx, terms = q.train()(z_e)
+    changed = terms["sample_changed"].item()
+    assert changed == pytest.approx((idx != nearest).float().mean().item()) and changed > 0.8
+    half = quantizer(mask_ratio=0.5, entropy_temp=1.0)
+    half.load_state_dict(q.state_dict())
+    _, idx, terms = half(z_e)
+    # m = 0.5: the fraction is of the masked positions (about half), not of all of them
+    assert terms["sample_changed"].item() > 1.5 * (idx != nearest).float().mean().item() > 0
+
+
+def test_regvq_objective_runs_at_the_measured_temperature(tmp_path):
+    """README (Choices the paper leaves open): Reg-VQ's tau is 0.01, measured; the objective sets it for the
+    prior KL and the stochastic mask alike, and --entropy-temp still wins."""
+    def model_config(*argv):
+        args = train_tokenizer.parse(["--objective", "regvq", "--out", str(tmp_path), *argv])
+        return train_tokenizer.configure(args)[1]
+
+    assert S.OBJECTIVES["regvq"]["entropy_temp"] == 0.01
+    mc = model_config()
+    assert (mc.entropy_temp, mc.mask_ratio, S.VectorQuantizer(mc).tau) == (0.01, 0.4, 0.01)
+    assert model_config("--entropy-temp", "1").entropy_temp == 1.0
+
+
 def test_sampled_positions_pass_gradients_to_encoder_and_codebook():
     """The Gumbel-softmax straight-through path: gradients reach z_e through D and the codes."""
     torch.manual_seed(0)
@@ -313,11 +347,61 @@ def test_perceptual_alpha_mixes_as_eq3(random_vgg):
     try:
         for alpha in (0.0, 0.3, 1.0):
             calls.clear()
-            value, terms = S.PerceptualLoss(alpha, random_vgg)(x, y)
+            value, terms = S.PerceptualLoss(alpha, random_vgg, norm="none")(x, y)
             assert torch.allclose(value, alpha * sem + (1 - alpha) * low, rtol=1e-5)
             assert len(calls) == (0 if alpha == 0 else 2)
     finally:
         hook.remove()
+
+
+def test_energy_norm_divides_each_layer_by_the_target_energy(random_vgg):
+    """Default per-layer error: MSE(phi(x_hat), phi(x)) / mean(phi(x)^2); 1 for an all-zero feature map."""
+    torch.manual_seed(0)
+    x, y = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    loss = S.PerceptualLoss(1.0, random_vgg)
+    assert loss.norm == "energy" and S.LossConfig().perceptual_norm == "energy"
+    fx, fy = loss.features(x, logits=True), loss.features(y, logits=True)
+    rel = {k: F.mse_loss(fx[k], fy[k]) / fy[k].pow(2).mean() for k in fx}
+    value, terms = loss(x, y)
+    assert torch.allclose(value, rel["relu5_3"] + rel["logits"], rtol=1e-5)
+    assert torch.allclose(loss.layer_error(torch.zeros_like(fy["relu3_3"]), fy["relu3_3"]), torch.tensor(1.0))
+    with pytest.raises(S.SeqganError, match="unknown --perceptual-norm"):
+        S.PerceptualLoss(1.0, random_vgg, norm="lpips")
+
+
+def scaled_vgg(vgg, s):
+    """A copy of vgg whose every activation (taps and logits) is s times larger: conv1_1's weight and
+    every bias times s (ReLU, max-pool and the linear layers commute with a positive scale)."""
+    vgg = copy.deepcopy(vgg)
+    layers = [m for m in list(vgg.features) + list(vgg.classifier) if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    with torch.no_grad():
+        layers[0].weight.mul_(s)
+        for m in layers:
+            m.bias.mul_(s)
+    return vgg
+
+
+def test_perceptual_balance_is_independent_of_vgg_scale(random_vgg):
+    """Issue 12: the balance of L_alpha against the pixel L1 must not depend on the VGG checkpoint's
+    activation scale. With every activation 0.1x or 10x larger, the default (energy) terms stay the same
+    and neither L_sem nor L_low exceeds 10 x the L1 term; the paper's plain MSE moves by s^2."""
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    x_hat = (x + 0.5 * torch.randn_like(x)).clamp(-1, 1)
+    l1 = (x_hat - x).abs().mean()
+    f = S.PerceptualLoss(1.0, random_vgg).features(x, logits=True)
+    assert torch.allclose(S.PerceptualLoss(1.0, scaled_vgg(random_vgg, 10.0)).features(x, logits=True)["logits"],
+                          10 * f["logits"], rtol=1e-4, atol=1e-5)
+    for alpha in (0.0, 1.0):
+        ref, _ = S.PerceptualLoss(alpha, random_vgg)(x_hat, x)
+        plain, _ = S.PerceptualLoss(alpha, random_vgg, norm="none")(x_hat, x)
+        for s in (0.1, 10.0):
+            vgg = scaled_vgg(random_vgg, s)
+            value, _ = S.PerceptualLoss(alpha, vgg)(x_hat, x)
+            assert torch.allclose(value, ref, rtol=1e-3), (alpha, s)
+            assert value < 10 * l1
+            value_plain, _ = S.PerceptualLoss(alpha, vgg, norm="none")(x_hat, x)
+            assert torch.allclose(value_plain, s * s * plain, rtol=1e-3)
 
 
 def test_vgg_weights_offline_is_one_clear_error(monkeypatch, tmp_path):
@@ -346,13 +430,20 @@ def test_vgg_weights_from_local_path(tmp_path, random_vgg):
 
 
 def test_paper_preset_matches_table7_size():
-    """Table 7 / section 4: phase 1 has 54.5M parameters, phase 2 57.9M (+3.4M of attention)."""
+    """Table 7 / section 4: phase 1 has 54.5M parameters, phase 2 57.9M; Table 1's two heavier decoders:
+    "+Conv x2" 70.0M (a second ResBlock where each attention layer goes) and "+Attention x2" 61.4M (two
+    attention layers per slot). One layout (average-pool downsampling) meets all four within 0.2M."""
     preset = {k: v for k, v in S.PRESETS["paper"].items() if k in S.TokenizerConfig.__dataclass_fields__}
-    p1 = S.count_params(S.Tokenizer(S.TokenizerConfig(**preset)))
-    p2 = S.count_params(S.Tokenizer(S.TokenizerConfig(**preset, dec_attn=True)))
-    assert abs(p1 / 54.5e6 - 1) < 0.03
-    assert abs((p2 - p1) / 3.4e6 - 1) < 0.03
-    assert S.TokenizerConfig(**preset).grid == 16
+    cfg = S.TokenizerConfig(**preset)
+    p1 = S.count_params(S.Tokenizer(cfg))
+    p2 = S.count_params(S.Tokenizer(replace(cfg, dec_attn=True)))
+    tok = S.Tokenizer(cfg)
+    # "+Conv x2": the decoder of n_res=4 (still 2 extra plain lowest blocks), the phase-1 encoder and codebook
+    conv_x2 = p1 - S.count_params(tok.decoder) + S.count_params(S.Decoder(replace(cfg, n_res=4, n_res_lowest=6)))
+    attn_x2 = p1 + 2 * (p2 - p1)
+    for count, paper in ((p1, 54.5e6), (p2, 57.9e6), (conv_x2, 70.0e6), (attn_x2, 61.4e6)):
+        assert abs(count - paper) < 0.2e6, (count, paper)
+    assert cfg.grid == 16
 
 
 def naive_block_attention(attn, x):
@@ -406,6 +497,20 @@ def test_d_step_leaves_generator_grads_untouched():
     assert all(p.grad is None for p in tok.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, disc.parameters()))
     assert r1.item() > 0 and torch.isfinite(loss)
+
+
+def test_compiled_phase1_steps_with_gan_and_r1(image_folder, tmp_path, monkeypatch):
+    """--compile with D and lazy R1 from the first step. R1 is a double backward (create_graph), which a
+    compiled module cannot take, so it runs on the plain D. aot_eager builds the same AOTAutograd graphs
+    as inductor (and fails the same way on R1 through a compiled D) in seconds instead of minutes."""
+    monkeypatch.setattr(train_tokenizer, "COMPILE_BACKEND", "aot_eager")
+    seen, r1_penalty = [], S.r1_penalty
+    monkeypatch.setattr(S, "r1_penalty", lambda disc, x: seen.append(disc) or r1_penalty(disc, x))
+    out = tmp_path / "run"
+    train_tokenizer.main(TINY + ["--data", image_folder, "--compile", "--gan-start", "0", "--r1-every", "1",
+                                 "--steps", "2", "--out", str(out)])
+    assert S.load_checkpoint(str(out / "ckpt.pt"), "tokenizer")["step"] == 2
+    assert len(seen) == 2 and all(type(d) is S.Discriminator for d in seen)
 
 
 def test_gan_weight_warms_up():
@@ -607,7 +712,7 @@ def test_param_count_formula_matches_module_and_table8():
     base = S.num_params(S.prior_preset("base", n_codes=1024, grid=256, n_classes=1000, causal=True))
     large = S.num_params(S.prior_preset("large", n_codes=1024, grid=256, n_classes=1000, causal=False))
     assert abs(base / 1e6 - 172) < 2 and abs(large / 1e6 - 305) < 3  # Table 8: 172M, 305M
-    assert set(S.PRIOR_PRESETS) == {"classroom", "base", "large"}
+    assert set(S.PRIOR_PRESETS) == {"cpu", "classroom", "base", "large"}
     cfg = model.cfg
     assert S.estimate_flops_per_token(cfg) == 6 * S.num_params(cfg, embeddings=False) + 12 * 2 * 32 * (N + 1)
 
@@ -1013,6 +1118,19 @@ def test_cli_fid_folder_vs_stats_file_equals_folder_vs_folder(tmp_path, tiny_fea
     assert f"FID {direct['fid']:.4f}  (N=16 {a}, N=16 {b})" in capsys.readouterr().out
 
 
+def test_fid_of_two_statistics_files_needs_no_inception_weights(tmp_path, capsys):
+    """Two saved statistics (pytorch-fid's, with mu and sigma only, and ours) are two Gaussians: no network
+    is loaded, so a missing weights file (offline, nothing in the hub cache) does not matter."""
+    rng = np.random.default_rng(0)
+    s1, s2 = random_spd(12, rng), random_spd(12, rng)
+    np.savez(tmp_path / "theirs.npz", mu=np.zeros(12), sigma=s1)
+    np.savez(tmp_path / "ours.npz", mu=np.ones(12), sigma=s2, n=100, fingerprint="sha256-6726825d x")
+    paths = [str(tmp_path / "theirs.npz"), str(tmp_path / "ours.npz")]
+    r = fid.main(paths + ["--inception-weights", str(tmp_path / "missing.pth"), *CPU])
+    assert r["fid"] == pytest.approx(fid.frechet_distance(np.zeros(12), s1, np.ones(12), s2)) and r["n"] == (None, 100)
+    assert f"(N=? {paths[0]}, N=100 {paths[1]})" in capsys.readouterr().out
+
+
 def test_cli_inception_score_matches_the_function(tmp_path, tiny_features):
     folder = write_images(tmp_path / "imgs", 20)
     _, logits = fid.compute_features(TinyFeatures(), S.list_images(folder), "cpu", num_workers=0)
@@ -1324,6 +1442,64 @@ def test_prior_resume_continues_step_count(tokenizer_ckpt, tmp_path):
     assert "start step 2" in log and "reusing token cache" in log
 
 
+def test_prior_lr_schedule_is_table10s_closed_form(tokenizer_ckpt):
+    """Table 10: AR 1e-4, exponential decay to 5e-6 from iteration 80k; NAR linear decay to 0 from 50k.
+    Both reach the end lr at --steps; a run shorter than the decay start decays over its second half."""
+    def tc(model, **kw):
+        argv = ["--tokenizer", tokenizer_ckpt, "--model", model, "--out", "unused"]
+        return train_prior.configure(train_prior.parse(argv + [a for k, v in kw.items() for a in (k, str(v))]))[0]
+
+    ar, nar = tc("ar", **{"--steps": 500_000}), tc("nar", **{"--steps": 500_000})
+    assert (ar.lr, ar.lr_decay_start, ar.end_lr) == (1e-4, 80_000, 5e-6)
+    assert (nar.lr, nar.lr_decay_start, nar.end_lr) == (1e-4, 50_000, 0.0)
+    k = math.log(1e-4 / 5e-6) / (500_000 - 80_000)  # the exponential's rate: 5e-6 exactly at --steps
+    for step in (0, 79_999, 80_000, 100_000, 290_000, 499_999, 500_000):
+        expected = 1e-4 * math.exp(-k * max(0, step - 80_000))
+        assert train_prior.get_lr(step, ar) == pytest.approx(expected, rel=1e-9), step
+    assert train_prior.get_lr(290_000, ar) == pytest.approx(math.sqrt(1e-4 * 5e-6))  # halfway: geometric mean
+    for step, expected in ((0, 1e-4), (50_000, 1e-4), (275_000, 5e-5), (387_500, 2.5e-5), (500_000, 0.0)):
+        assert train_prior.get_lr(step, nar) == pytest.approx(expected, abs=1e-15), step
+    # a short run (--steps 20000 < 50000): the decay starts at step 10000 and still ends at 0 at --steps
+    short = tc("nar", **{"--steps": 20_000})
+    assert train_prior.decay_start(short) == 10_000 and train_prior.get_lr(9_999, short) == 1e-4
+    assert train_prior.get_lr(15_000, short) == pytest.approx(5e-5)
+    const = tc("ar", **{"--steps": 100, "--end-lr": 1e-4})  # --end-lr = --lr: constant
+    assert {train_prior.get_lr(s, const) for s in range(101)} == {1e-4}
+    for kw, match in (({"--end-lr": 0}, "cannot reach 0"), ({"--end-lr": 1e-3}, "must lie in"),
+                      ({"--lr-decay-start": -5}, "negative")):
+        with pytest.raises(SeqganError, match=match):
+            tc("ar", **kw)
+
+
+def test_prior_lr_is_logged_and_a_run_resumed_mid_decay_stays_on_the_curve(tokenizer_ckpt, tmp_path, monkeypatch):
+    """NAR, 6 steps, linear decay from step 2: stopped after its step-4 checkpoint (mid-decay) and resumed,
+    every step uses get_lr(step): the log's lr and the saved optimizer's lr are the closed form's."""
+    out = str(tmp_path / "run")
+    save = S.save_checkpoint
+
+    class Stop(Exception):
+        pass
+
+    def save_then_stop(path, ck):
+        save(path, ck)
+        if ck["kind"] == "prior" and ck["step"] == 4:
+            raise Stop
+
+    monkeypatch.setattr(S, "save_checkpoint", save_then_stop)
+    with pytest.raises(Stop):
+        train_prior.main(TINY_PRIOR + ["--tokenizer", tokenizer_ckpt, "--model", "nar", "--uncond", "--steps", "6",
+                                       "--lr-decay-start", "2", "--out", out])
+    assert S.load_checkpoint(os.path.join(out, "ckpt.pt"), "prior")["optimizer"]["param_groups"][0]["lr"] == pytest.approx(7.5e-5)
+    monkeypatch.setattr(S, "save_checkpoint", save)
+    train_prior.main(["--resume", "--out", out])
+    ck = S.load_checkpoint(os.path.join(out, "ckpt.pt"), "prior")
+    assert ck["step"] == 6 and ck["train_config"]["lr_decay_start"] == 2 and ck["train_config"]["end_lr"] == 0
+    assert [g["lr"] for g in ck["optimizer"]["param_groups"]] == [pytest.approx(2.5e-5)] * 2  # get_lr(5): 1e-4 * 1/4
+    lrs = re.findall(r"^step (\d+) \| .*\| lr (\S+) \|", open(os.path.join(out, "log.txt")).read(), re.M)
+    # the lr of the interval's last step: steps 1, 3, 5 (0-based) = 1e-4, 1e-4 * 3/4, 1e-4 * 1/4
+    assert [(int(s), float(v)) for s, v in lrs] == [(2, 1e-4), (4, 7.5e-5), (6, 2.5e-5)]
+
+
 def test_train_prior_bad_input_is_one_clear_error_and_writes_nothing(ar_run, tokenizer_ckpt, tmp_path):
     new = str(tmp_path / "new")
     for argv, match in [
@@ -1382,13 +1558,14 @@ def test_sample_writes_n_decodable_pngs_and_the_settings(model, ar_run, nar_run,
     prior = os.path.join(ar_run if model == "ar" else nar_run, "ckpt.pt")
     out = str(tmp_path / "samples")
     sample.main(["--prior", prior, "--n", "5", "--batch-size", "2", "--device", "cpu", "--out", out])
-    assert sorted(os.listdir(out)) == [f"{i:06d}.png" for i in range(5)] + ["grid.png", "sampling.json"]
+    assert sorted(os.listdir(out)) == [f"{i:06d}.png" for i in range(5)] + ["sampling.json"]
     for i in range(5):
         img = Image.open(os.path.join(out, f"{i:06d}.png"))
         assert img.mode == "RGB" and img.size == (32, 32)
         img.load()  # decodes the whole file
-    assert Image.open(os.path.join(out, "grid.png")).size == (5 * 34 + 2, 34 + 2)
+    assert Image.open(out + "_grid.png").size == (5 * 34 + 2, 34 + 2)  # beside the folder, not in it
     rec = json.load(open(os.path.join(out, "sampling.json")))
+    assert rec["grid"] == out + "_grid.png" and rec["temperature_on"] == "token logits"
     assert rec["tokenizer"] == os.path.abspath(tokenizer_ckpt) and rec["prior"] == os.path.abspath(prior)
     assert rec["n"] == 5 and rec["seed"] == 0 and rec["decoder_phase"] == 1 and rec["prior_step"] == 4
     if model == "ar":  # paper defaults
@@ -1417,12 +1594,23 @@ def test_grid_png_shows_the_first_64_samples_in_rows_of_8(ar_run, tmp_path):
     out = tmp_path / "s"
     sample.main(["--prior", os.path.join(ar_run, "ckpt.pt"), "--n", "96", "--batch-size", "24", "--device", "cpu",
                  "--out", str(out)])
-    grid = read_png(out / "grid.png").astype(int)
+    grid = read_png(tmp_path / "s_grid.png").astype(int)
     assert grid.shape == (8 * 34 + 2, 8 * 34 + 2, 3)
     for i in (0, 9, 33, 63):  # sample i at row i // 8, column i % 8 (its class is i % 2, the column's)
         r, c = divmod(i, 8)
         cell = grid[2 + 34 * r: 34 + 34 * r, 2 + 34 * c: 34 + 34 * c]
         assert np.abs(cell - read_png(out / f"{i:06d}.png")).max() <= 1
+
+
+def test_fid_of_the_samples_folder_scores_exactly_n_images(ar_run, tmp_path, tiny_features, capsys):
+    """The grid goes beside the samples folder, not into it: fid.py on the folder (the README's next
+    command) sees the --n samples and nothing else."""
+    out = str(tmp_path / "samples")
+    sample.main(["--prior", os.path.join(ar_run, "ckpt.pt"), "--n", "6", "--batch-size", "3", "--device", "cpu",
+                 "--out", out])
+    assert len(S.list_images(out)) == 6 and os.path.isfile(out + "_grid.png")
+    assert fid.main([out, out, *CPU])["n"] == (6, 6)
+    assert f"(N=6 {out}, N=6 {out})" in capsys.readouterr().out
 
 
 def test_classes_cycle_without_class_and_are_fixed_with_it(ar_run, tmp_path, monkeypatch):
@@ -1543,6 +1731,8 @@ def test_each_objective_runs_phase1_phase2_prior_and_sampling(objective, prior_i
             S.load_tokenizer(os.path.join(p1, "ckpt.pt"))
     else:
         assert ck1["model_config"]["mask_ratio"] == 0.4 and ck1["loss_config"]["pcl_weight"] > 0
+        changed = re.search(r"^step 2 \|.* sample_changed ([\d.]+) ", open(os.path.join(p1, "log.txt")).read(), re.M)
+        assert 0 < float(changed.group(1)) <= 1  # logged: the mask samples other codes than the nearest
     train_tokenizer.main(["--phase", "2", "--init", os.path.join(p1, "ckpt.pt"), "--steps", "2", "--out", p2,
                           "--attn-heads", "2", "--log-every", "2", "--eval-every", "2"])
     ck2 = S.load_checkpoint(os.path.join(p2, "ckpt.pt"), "tokenizer")
@@ -1622,6 +1812,27 @@ def test_existing_checkpoint_is_never_overwritten(phase1_ckpt):
     with pytest.raises(S.SeqganError, match="exists; pass --resume"):
         train_tokenizer.main(TINY + ["--out", os.path.dirname(phase1_ckpt)])
     assert open(phase1_ckpt, "rb").read() == before
+
+
+def test_checkpoint_is_fsynced_before_the_rename_and_its_folder_after(tmp_path, monkeypatch):
+    """Durable against a power loss, not only a kill: the data of the temp file reaches the disk before
+    the rename makes it the checkpoint, and the folder (holding the rename) after it."""
+    import stat
+    calls, fsync = [], os.fsync
+
+    def spy(fd):
+        st = os.fstat(fd)
+        calls.append(("dir" if stat.S_ISDIR(st.st_mode) else "file", st.st_ino, os.path.exists(path)))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    path = str(tmp_path / "run" / "ckpt.pt")
+    S.save_checkpoint(path, dict(kind="prior", step=1, w=torch.arange(3)))
+    assert calls == [("file", os.stat(path).st_ino, False), ("dir", os.stat(tmp_path / "run").st_ino, True)]
+    assert os.listdir(tmp_path / "run") == ["ckpt.pt"]
+    assert torch.equal(S.load_checkpoint(path, "prior")["w"], torch.arange(3))
+    S.save_checkpoint(path, dict(kind="prior", step=2))  # over an existing one: the same order again
+    assert [c[0] for c in calls] == ["file", "dir"] * 2 and S.load_checkpoint(path, "prior")["step"] == 2
 
 
 def test_unreadable_image_is_one_line_and_exit_2(image_folder, tmp_path):
@@ -1793,11 +2004,13 @@ def test_each_sample_depends_on_its_own_generator_only(causal):
 
 
 def test_tokenizer_two_processes_take_the_steps_of_one_process_with_twice_the_batch(ddp_images, tmp_path):
-    """Before the GAN starts and with the entropy term off (both would see each rank's batch only: D's
-    minibatch stddev, the soft code usage), 2 ranks x batch 2 train as 1 process x batch 4. Against
+    """Before the GAN starts, with the entropy term off and the plain Eq. 3 MSE (each would see each rank's
+    batch only: D's minibatch stddev, the soft code usage, the energy that normalises each VGG layer),
+    2 ranks x batch 2 train as 1 process x batch 4. Against
     1 x 2 x --grad-accum 2 the weights match exactly (DDP averages the two halves' gradients as
     accumulation adds them); against batch 4 the gradients match to rounding (checked below)."""
-    run = TOK + ["--data", ddp_images, "--steps", "3", "--gan-start", "100", "--entropy-weight", "0"]
+    run = TOK + ["--data", ddp_images, "--steps", "3", "--gan-start", "100", "--entropy-weight", "0",
+                 "--perceptual-norm", "none"]
     ddp, big, accum = (str(tmp_path / d) for d in ("ddp", "big", "accum"))
     torchrun("train_tokenizer.py", *run, "--batch-size", "2", "--out", ddp)
     train_tokenizer.main(run + ["--batch-size", "4", "--out", big])
@@ -1923,12 +2136,13 @@ def test_sample_two_processes_write_the_same_pngs_as_one(ddp_prior, tmp_path):
     # --n-images: torchrun would take `--n` for an abbreviation of its own --nnodes / --nproc-per-node
     torchrun("sample.py", *args, "--n-images", "5", "--out", two)
     sample.main(args + ["--n", "5", "--out", one])
-    assert files(two) == files(one) == [f"{i:06d}.png" for i in range(5)] + ["grid.png", "sampling.json"]
+    assert files(two) == files(one) == [f"{i:06d}.png" for i in range(5)] + ["sampling.json"]
     for f in files(one):
         if f.endswith(".png"):
             assert open(os.path.join(one, f), "rb").read() == open(os.path.join(two, f), "rb").read(), f
+    assert open(one + "_grid.png", "rb").read() == open(two + "_grid.png", "rb").read()
     rec1, rec2 = (json.load(open(os.path.join(d, "sampling.json"))) for d in (one, two))
-    assert {**rec1, "out": None} == {**rec2, "out": None}
+    assert {**rec1, "out": None, "grid": None} == {**rec2, "out": None, "grid": None}
 
 
 def test_fid_statistics_and_inception_score_with_two_processes_equal_one(tmp_path, capsys):

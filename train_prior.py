@@ -4,7 +4,8 @@ raster order) or NAR (MaskGIT: bidirectional, masked tokens). The dataset is tok
 
   python train_prior.py --tokenizer out/tokenizer2/ckpt.pt --model ar      # CIFAR-10, 8x8 tokens, one GPU
   python train_prior.py --tokenizer out/tokenizer2/ckpt.pt --model nar --token-cache out/tokens.pt
-  python train_prior.py --tokenizer out/ffhq/ckpt.pt --preset base --batch-size 256 --out out/ffhq_ar  # Table 8
+  python train_prior.py --tokenizer out/ffhq/ckpt.pt --preset base --batch-size 256 --steps 500000 \
+      --out out/ffhq_ar                                        # Table 8; Table 10's lr decay from step 80k
   torchrun --standalone --nproc_per_node=8 train_prior.py --tokenizer out/ffhq/ckpt.pt --preset base \
       --batch-size 32 --out out/ffhq_ar                        # 8 GPUs (DDP): global batch 8 x 32 = 256
 
@@ -35,7 +36,8 @@ from seqgan import knob
 class TrainConfig:
     tokenizer: str = knob("", "the tokenizer's ckpt.pt (train_tokenizer.py); frozen, eval mode")
     model: str = knob("ar", "ar (causal, next-token loss) or nar (bidirectional, MaskGIT loss)")
-    preset: str = knob("classroom", "prior shape: classroom (8 layers, d 256), base (Table 8, 172M), large (305M)")
+    preset: str = knob("classroom", "prior shape: cpu (4 layers, d 128), classroom (8 layers, d 256), base (Table 8, 172M), "
+                                     "large (305M)")
     uncond: bool = knob(False, "ignore the data's labels: an unconditional prior")
     data: str = knob("", "'cifar10', 'fashion-mnist' or an image folder; default: the tokenizer's training data")
     data_root: str = knob("", "where CIFAR-10 / Fashion-MNIST live; default: the tokenizer's")
@@ -46,7 +48,13 @@ class TrainConfig:
     batch_size: int = knob(128, "token grids per micro-step and GPU; the global batch is batch_size x grad_accum "
                                 "x processes")
     grad_accum: int = knob(1, "micro-steps (gradient accumulation) per optimizer step")
-    lr: float = knob(1e-4, "AdamW learning rate (paper: 1e-4, constant)")
+    lr: float = knob(1e-4, "AdamW peak learning rate (Table 10: 1e-4), held until the decay starts")
+    lr_decay_start: int = knob(-1, "step at which the lr starts to decay to --end-lr, reaching it at --steps: "
+                                   "AR exponentially, NAR linearly; -1 = Table 10's: 80000 (AR), 50000 (NAR). "
+                                   "If it is not below --steps (e.g. a short run), the decay starts at half "
+                                   "of --steps instead")
+    end_lr: float = knob(-1.0, "lr reached at --steps; -1 = Table 10's: 5e-6 (AR), 0 (NAR); equal to --lr: "
+                               "constant")
     weight_decay: float = knob(1e-2, "AdamW weight decay on matrices (paper: 1e-2); biases and norms get none")
     grad_clip: float = knob(1.0, "clip the global gradient norm (0 = off)")
     device: str = knob("auto", "auto (CUDA if present), cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)")
@@ -72,6 +80,9 @@ MODEL_FLAGS = ("model", "preset", "uncond") + SHAPE
 DECODER_FIELDS = ("dec_attn", "attn_heads", "attn_block", "feature_dim")
 # The periodic sample grid uses the paper's sampling settings (sample.py's defaults).
 AR_TOP_P, NAR_TEMPERATURE, NAR_STEPS = 0.98, 0.65, 12
+# Table 10's learning-rate decay (start step, end lr): AR exponential to 5e-6 from iteration 80,000, NAR
+# linear to 0 from iteration 50,000 (of 1.5M iterations on ImageNet, 500k elsewhere).
+LR_DECAY = dict(ar=(80_000, 5e-6), nar=(50_000, 0.0))
 
 
 def parse(argv):
@@ -115,12 +126,44 @@ def configure(args):
         raise S.SeqganError("--steps, --batch-size, --grad-accum and --eval-batches must be at least 1")
     if shape.n_embd % shape.n_head:
         raise S.SeqganError(f"--n-embd {shape.n_embd} is not divisible by --n-head {shape.n_head}")
+    start, end_lr = LR_DECAY[tc.model]  # -1: Table 10's value for this --model
+    tc = replace(tc, lr_decay_start=start if tc.lr_decay_start == -1 else tc.lr_decay_start,
+                 end_lr=end_lr if tc.end_lr == -1 else tc.end_lr)
+    if tc.lr_decay_start < 0:
+        raise S.SeqganError(f"--lr-decay-start {tc.lr_decay_start} is negative (-1 = Table 10's)")
+    if not (0 < tc.end_lr if tc.model == "ar" else 0 <= tc.end_lr) or tc.end_lr > tc.lr:
+        raise S.SeqganError(f"--end-lr {tc.end_lr} must lie in {'(' if tc.model == 'ar' else '['}0, --lr {tc.lr}]"
+                            + (": the AR prior's decay is exponential, so it cannot reach 0" if tc.model == "ar" else ""))
     tok_ckpt = S.load_checkpoint(tc.tokenizer, "tokenizer")
     # the data defaults to what the tokenizer was trained on
     tc = replace(tc, data=tc.data or tok_ckpt["train_config"]["data"],
                  data_root=tc.data_root or tok_ckpt["train_config"]["data_root"],
                  token_cache=tc.token_cache or os.path.join(tc.out, "tokens.pt"))
     return tc, shape, ckpt, tok_ckpt
+
+
+def decay_start(tc):
+    """The step s at which the lr starts to decay: --lr-decay-start if it is below --steps, else half of
+    --steps (a classroom run of 20k steps would otherwise never reach Table 10's 50k / 80k)."""
+    return tc.lr_decay_start if tc.lr_decay_start < tc.steps else tc.steps // 2
+
+
+def get_lr(step, tc):
+    """The lr of the optimizer step taken at `step` (0-based): a pure function of the step and the config,
+    so a resumed run carries on along the same curve. Table 10, with lr_0 = --lr, lr_end = --end-lr,
+    s = decay_start(tc), T = --steps:
+      step < s   lr_0
+      AR         lr_0 * (lr_end / lr_0) ** ((step - s) / (T - s)) = lr_0 * exp(-k (step - s)),
+                 k = ln(lr_0 / lr_end) / (T - s)        (exponential; the rate k makes it lr_end at T)
+      NAR        lr_0 + (lr_end - lr_0) * (step - s) / (T - s)    (linear)
+    Both equal lr_0 at s and lr_end at T."""
+    s, T = decay_start(tc), tc.steps
+    if step < s:
+        return tc.lr
+    frac = min(step - s, T - s) / (T - s)
+    if tc.model == "ar":
+        return tc.lr * (tc.end_lr / tc.lr) ** frac
+    return tc.lr + (tc.end_lr - tc.lr) * frac
 
 
 def tokenizer_hash(tok_ckpt):
@@ -341,6 +384,9 @@ def main(argv=None):
     # the with-block closes the bar on an error too, so the error line stands on its own
     with tqdm(total=tc.steps, initial=step, desc=f"{tc.model} prior", dynamic_ncols=True, disable=not master) as bar:
         while step < tc.steps:
+            lr = get_lr(step, tc)
+            for group in opt.param_groups:
+                group["lr"] = lr
             ix = torch.randint(len(train), (global_batch,), device=device, generator=data_g)
             ix = ix.view(tc.grad_accum, world, tc.batch_size)[:, rank]  # (micro-steps, batch): this rank's slices
             opt.zero_grad(set_to_none=True)
@@ -371,7 +417,7 @@ def main(argv=None):
                                         f"(now {tc.lr}). Last good checkpoint: {ckpt_path}")
                 tps = n_acc * global_batch * cfg.grid / (time.time() - t0)
                 mfu = f"{flops_per_token * tps / (peak * world):.1%}" if peak else "n/a"
-                log(f"step {step} | loss {l:.4f} acc {a:.3f} | grad norm {gn:.3f} | lr {tc.lr:.1e} | "
+                log(f"step {step} | loss {l:.4f} acc {a:.3f} | grad norm {gn:.3f} | lr {lr:.3e} | "
                     f"{tps:,.0f} tok/s | MFU {mfu}")
                 bar.set_postfix(loss=f"{l:.3f}", acc=f"{a:.3f}")
                 sums.zero_()

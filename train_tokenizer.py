@@ -32,7 +32,8 @@ class TrainConfig:
     data: str = knob("cifar10", "'cifar10' (torchvision download), 'fashion-mnist', or an image folder "
                                 "(searched recursively; class subfolders give labels)")
     data_root: str = knob("data", "where CIFAR-10 is downloaded to (and data/fashion-mnist looked for)")
-    preset: str = knob("classroom", "classroom (32 px, f=4, 8x8 tokens) or paper (256 px, f=16, Table 7)")
+    preset: str = knob("classroom", "classroom (32 px, f=4, 8x8 tokens), paper (256 px, f=16, Table 7) or cpu "
+                                     "(Fashion-MNIST, a 1.1M tokenizer, 600 steps: 2 CPU cores)")
     phase: int = knob(1, "1 = semantic compression; 2 = encoder and codebook frozen, attention decoder, alpha 0")
     init: str = knob("", "phase 2 only: the phase-1 checkpoint to start from")
     out: str = knob("out/tokenizer", "output folder for ckpt.pt, log.txt and PNG grids (phase 2: out/tokenizer2)")
@@ -53,6 +54,10 @@ class TrainConfig:
     eval_images: int = knob(1000, "held-out images per evaluation (the test split; for a folder, its first images)")
     seed: int = knob(0, "random seed")
 
+
+# torch.compile's backend for --compile. The tests set "aot_eager" (the same AOTAutograd graphs, so the
+# same double-backward limit that R1 must avoid, compiled in seconds instead of minutes on a CPU).
+COMPILE_BACKEND = "inductor"
 
 # Phase 2 (section 3.3): alpha = 0, the discriminator carries on from phase 1 without a new warm-up gap.
 PHASE2_DEFAULTS = dict(out="out/tokenizer2", alpha=0.0, gan_start=0, steps=20000)
@@ -156,8 +161,8 @@ def g_backward(model, disc, perceptual, x, lc, phase, gan_w, ctx, scale=1.0):
     """The generator's loss on one (micro-)batch, scale * loss backpropagated: L1 + L_alpha (Eq. 3) + L_vq
     (Eq. 2, phase 1 only) + gan_w * softplus(-D(x_hat)). disc is the plain module, never the DDP one: G needs
     D's input gradient only, and D's parameters take no gradient here. Returns x_hat, the indices and the
-    detached terms (loss, l1, perceptual, l_low, l_sem, codebook, commitment, entropy, g_adv, pcl, kd) as one
-    tensor, so that logging them costs no host sync."""
+    detached terms (loss, l1, perceptual, l_low, l_sem, codebook, commitment, entropy, g_adv, pcl, kd,
+    sample_changed) as one tensor, so that logging them costs no host sync."""
     disc.requires_grad_(False)  # G's loss needs D's input gradient, not its parameter gradients
     with ctx:
         x_hat, idx, q = model(x)
@@ -176,7 +181,7 @@ def g_backward(model, disc, perceptual, x, lc, phase, gan_w, ctx, scale=1.0):
     (scale * loss).backward()
     disc.requires_grad_(True)
     terms = [loss, l1, l_p, p_terms["l_low"], p_terms["l_sem"], q["codebook_loss"], q["commitment_loss"],
-             q["entropy"], g_adv, pcl, zero]
+             q["entropy"], g_adv, pcl, zero, q["sample_changed"]]
     return x_hat, idx, torch.stack([t.detach().float() for t in terms])
 
 
@@ -199,7 +204,8 @@ def kd_backward(model, perceptual, x, lc, ctx, scale=1.0):
         loss = kd + q["loss"]
     (scale * loss).backward()
     zero = torch.zeros((), device=x.device)
-    terms = [loss, zero, zero, zero, zero, q["codebook_loss"], q["commitment_loss"], q["entropy"], zero, zero, kd]
+    terms = [loss, zero, zero, zero, zero, q["codebook_loss"], q["commitment_loss"], q["entropy"], zero, zero, kd,
+             q["sample_changed"]]
     return f_pred, idx, torch.stack([t.detach().float() for t in terms])
 
 
@@ -207,12 +213,14 @@ def d_backward(disc, x, x_hat, lc, step, ctx, scale=1.0):
     """The discriminator's loss on real x and *detached* reconstructions, with lazy R1 every r1_every steps;
     scale * loss backpropagated. Returns the detached (loss, r1).
 
-    Under DDP, disc is the DDP module, and R1 runs on the plain module inside it, *before* the DDP forward:
-    R1 differentiates D's output w.r.t. its input with create_graph, which DDP's reducer does not support.
-    The R1 gradients land in .grad unsynchronised, and the DDP backward that follows averages everything
-    .grad then holds over the ranks (as it does for the no-sync micro-steps), R1 included. D's
-    minibatch-stddev layer sees each rank's own batch, so D's loss is not that of the global batch."""
+    R1 runs on the plain module, unwrapped from DDP and from torch.compile, *before* the DDP forward: R1
+    differentiates D's output w.r.t. its input with create_graph (a double backward), which neither DDP's
+    reducer nor a compiled module (AOTAutograd) supports. Under DDP the R1 gradients land in .grad
+    unsynchronised, and the DDP backward that follows averages everything .grad then holds over the ranks
+    (as it does for the no-sync micro-steps), R1 included. D's minibatch-stddev layer sees each rank's
+    own batch, so D's loss is not that of the global batch."""
     plain = disc.module if isinstance(disc, DDP) else disc
+    plain = getattr(plain, "_orig_mod", plain)  # torch.compile's OptimizedModule wraps the plain module
     r1 = torch.zeros((), device=x.device)
     if step % lc.r1_every == 0:
         r1 = S.r1_penalty(plain, x)
@@ -281,7 +289,8 @@ def main(argv=None):
     # (--perceptual-weight 0 without PCL or VQ-KD): quick CPU ablations need no VGG16 at all.
     perceptual = None
     if lc.perceptual_weight > 0 or lc.pcl_weight > 0 or mc.feature_dim:
-        perceptual = S.PerceptualLoss(lc.alpha, S.load_vgg16(tc.vgg_weights)).to(device)
+        perceptual = S.PerceptualLoss(lc.alpha, S.load_vgg16(tc.vgg_weights), lc.perceptual_norm, lc.perceptual_size)
+        perceptual = perceptual.to(device)
 
     model = S.Tokenizer(mc)
     disc = S.Discriminator(mc.image_size, lc.disc_channels, lc.disc_max_channels)
@@ -307,8 +316,8 @@ def main(argv=None):
         opt_g.load_state_dict(ckpt["opt_g"])
         opt_d.load_state_dict(ckpt["opt_d"])
         step = ckpt["step"]
-    g_model = torch.compile(model) if tc.compile else model
-    g_disc = torch.compile(disc) if tc.compile else disc
+    g_model = torch.compile(model, backend=COMPILE_BACKEND) if tc.compile else model
+    g_disc = torch.compile(disc, backend=COMPILE_BACKEND) if tc.compile else disc
     d_disc = g_disc  # the discriminator of the D step; G's adversarial term uses the plain g_disc
     if ddp:
         # Compile first, then wrap (nanoGPT). DDP keeps only parameters that require grad in sync, so in
@@ -347,7 +356,7 @@ def main(argv=None):
 
     data = batches(ds, tc, step, device, rank, world)
     names = ["loss", "l1", "perceptual", "l_low", "l_sem", "codebook", "commitment", "entropy", "g_adv", "pcl", "kd",
-             "d_loss", "r1"]
+             "sample_changed", "d_loss", "r1"]
     # Running sums and code counts, summed over the ranks and read back only at log time: no per-step sync.
     acc = torch.zeros(len(names), device=device)
     counts = torch.zeros(mc.n_codes, device=device, dtype=torch.long)
