@@ -21,7 +21,6 @@ import torch
 
 import fid
 import seqgan as S
-import train_tokenizer
 from seqgan import knob
 
 STAGES = ("tok1", "tok2", "prior_ar", "prior_nar", "sample_ar", "sample_nar", "fid")
@@ -83,8 +82,15 @@ def tokenizer_stage(bc, phase, device, compiled):
     ctx, step = S.autocast(device), [0]
 
     def run():
-        x_hat, _, _ = train_tokenizer.g_step(g, d, perceptual, opt_g, x, lc, phase, lc.gan_weight, ctx)
-        train_tokenizer.d_step(d, opt_d, x, x_hat, lc, step[0], ctx)
+        opt_g.zero_grad(set_to_none=True)
+        with ctx:
+            x_hat, _, q = g(x)
+            loss, _ = S.tokenizer_loss(x, x_hat, q, lc, phase, lc.gan_weight, d, perceptual)
+        loss.backward()
+        opt_g.step()
+        opt_d.zero_grad(set_to_none=True)
+        S.d_backward(d, x, x_hat, lc, step[0])
+        opt_d.step()
         step[0] += 1
 
     dt, mem = timed(run, bc.warmup, bc.iters, device)

@@ -874,6 +874,75 @@ def gan_weight_at(step, cfg):
     return cfg.gan_weight * min(1.0, (step - cfg.gan_start + 1) / max(1, cfg.gan_warmup))
 
 
+def d_backward(disc, x, x_hat, loss_cfg, step, scale=1.0):
+    """The discriminator's loss on real x and *detached* reconstructions, with lazy R1 every r1_every
+    steps; scale * loss backpropagated. Returns the detached (loss, r1).
+
+    R1 runs on the plain module, unwrapped from DDP and from torch.compile, *before* the DDP forward: R1
+    differentiates D's output w.r.t. its input with create_graph (a double backward), which neither DDP's
+    reducer nor a compiled module (AOTAutograd) supports. Under DDP the R1 gradients land in .grad
+    unsynchronised, and the DDP backward that follows averages everything .grad then holds over the ranks
+    (as it does for the no-sync micro-steps), R1 included. D's minibatch-stddev layer sees each rank's
+    own batch, so D's loss is not that of the global batch."""
+    plain = getattr(disc, "module", disc)  # DistributedDataParallel wraps the (compiled) module
+    plain = getattr(plain, "_orig_mod", plain)  # torch.compile's OptimizedModule wraps the plain module
+    r1 = torch.zeros((), device=x.device)
+    if step % loss_cfg.r1_every == 0:
+        r1 = r1_penalty(plain, x)
+        # scaled by the interval, as in StyleGAN2
+        (scale * loss_cfg.r1_gamma / 2 * loss_cfg.r1_every * r1).backward()
+    with autocast(x.device):
+        loss = d_loss(disc(x), disc(x_hat.detach()))
+    (scale * loss).backward()
+    return (loss + loss_cfg.r1_gamma / 2 * loss_cfg.r1_every * r1).detach().float(), r1.detach().float()
+
+
+# -----------------------------------------------------------------------------
+# the tokenizer's whole generator objective, both phases, every objective
+
+def tokenizer_loss(x, x_hat, q, loss_cfg, phase=1, gan_w=0.0, disc=None, perceptual=None, vqkd=False):
+    """The generator's loss on one batch, from the tokenizer's output (x_hat, _, q = tokenizer(x)).
+    Returns (total, terms): terms names every logged quantity, total among them as "loss".
+
+      SeQ-GAN, Reg-VQ  total = l1_weight * L1 + perceptual_weight * L_alpha (Eq. 3) + gan_w * L_adv
+                               + L_vq (Eq. 2 and the entropy term; phase 1 only: phase 2 freezes the
+                                 encoder and codebook, their terms are only logged)
+                               + pcl_weight * PCL (Reg-VQ)
+      VQ-KD phase 1    total = KD (1 - cos to the teacher's features; x_hat holds features) + L_vq
+
+    disc is the plain discriminator, never the DDP one: G needs D's input gradient only, so D's
+    parameters are left out of the graph. With gan_w = 0, D is not run at all."""
+    zero = torch.zeros((), device=x.device)
+    terms = dict(loss=zero, l1=zero, perceptual=zero, l_low=zero, l_sem=zero, codebook=q["codebook_loss"],
+                 commitment=q["commitment_loss"], entropy=q["entropy"], g_adv=zero, pcl=zero, kd=zero,
+                 sample_changed=q["sample_changed"])
+    if vqkd:
+        with torch.no_grad():
+            teacher = perceptual.features(x, logits=False)[loss_cfg.teacher_layer]
+        terms["kd"] = feature_kd_loss(x_hat, teacher)
+        terms["loss"] = terms["kd"] + q["loss"]
+        return terms["loss"], terms
+    terms["l1"] = (x_hat.float() - x).abs().mean()
+    loss = loss_cfg.l1_weight * terms["l1"]
+    if perceptual is not None:
+        terms["perceptual"], p_terms = perceptual(x_hat, x)
+        terms["l_low"], terms["l_sem"] = p_terms["l_low"], p_terms["l_sem"]
+        loss = loss + loss_cfg.perceptual_weight * terms["perceptual"]
+    if gan_w > 0:
+        disc.requires_grad_(False)  # the graph keeps D's input gradient, not its parameter gradients
+        terms["g_adv"] = g_loss(disc(x_hat))
+        disc.requires_grad_(True)
+        loss = loss + gan_w * terms["g_adv"]
+    if phase == 1:
+        loss = loss + q["loss"]
+    if loss_cfg.pcl_weight > 0:  # Reg-VQ: contrastive loss on relu3_3 features, pooled to the token grid
+        f_hat, f = p_terms["features"]
+        terms["pcl"] = pcl_loss(f_hat["relu3_3"], f["relu3_3"], q["sample_dist"], loss_cfg.pcl_temp)
+        loss = loss + loss_cfg.pcl_weight * terms["pcl"]
+    terms["loss"] = loss
+    return loss, terms
+
+
 # -----------------------------------------------------------------------------
 # generative priors over the token grid (section 3.2, Table 8): one transformer, two uses.
 # causal=True is the AR prior (VQGAN-style next-token prediction in raster order);

@@ -157,89 +157,6 @@ def batches(ds, tc, start_step, device, rank=0, world=1):
         epoch += 1
 
 
-def g_backward(model, disc, perceptual, x, lc, phase, gan_w, ctx, scale=1.0):
-    """The generator's loss on one (micro-)batch, scale * loss backpropagated: L1 + L_alpha (Eq. 3) + L_vq
-    (Eq. 2, phase 1 only) + gan_w * softplus(-D(x_hat)). disc is the plain module, never the DDP one: G needs
-    D's input gradient only, and D's parameters take no gradient here. Returns x_hat, the indices and the
-    detached terms (loss, l1, perceptual, l_low, l_sem, codebook, commitment, entropy, g_adv, pcl, kd,
-    sample_changed) as one tensor, so that logging them costs no host sync."""
-    disc.requires_grad_(False)  # G's loss needs D's input gradient, not its parameter gradients
-    with ctx:
-        x_hat, idx, q = model(x)
-        l1 = (x_hat.float() - x).abs().mean()
-        zero = torch.zeros((), device=x.device)
-        l_p, p_terms = perceptual(x_hat, x) if perceptual is not None else (zero, dict(l_low=zero, l_sem=zero))
-        g_adv = S.g_loss(disc(x_hat)) if gan_w > 0 else zero
-        loss = lc.l1_weight * l1 + lc.perceptual_weight * l_p + gan_w * g_adv
-        if phase == 1:  # phase 2: encoder and codebook are frozen, their terms are only logged
-            loss = loss + q["loss"]
-        pcl = zero
-        if lc.pcl_weight > 0:  # Reg-VQ: contrastive loss on relu3_3 features, pooled to the token grid
-            f_hat, f = p_terms["features"]
-            pcl = S.pcl_loss(f_hat["relu3_3"], f["relu3_3"], q["sample_dist"], lc.pcl_temp)
-            loss = loss + lc.pcl_weight * pcl
-    (scale * loss).backward()
-    disc.requires_grad_(True)
-    terms = [loss, l1, l_p, p_terms["l_low"], p_terms["l_sem"], q["codebook_loss"], q["commitment_loss"],
-             q["entropy"], g_adv, pcl, zero, q["sample_changed"]]
-    return x_hat, idx, torch.stack([t.detach().float() for t in terms])
-
-
-def g_step(model, disc, perceptual, opt_g, x, lc, phase, gan_w, ctx):
-    """One whole generator step on one batch (g_backward, then the optimizer); returns what g_backward does."""
-    opt_g.zero_grad(set_to_none=True)
-    out = g_backward(model, disc, perceptual, x, lc, phase, gan_w, ctx)
-    opt_g.step()
-    return out
-
-
-def kd_backward(model, perceptual, x, lc, ctx, scale=1.0):
-    """VQ-KD phase 1: the tokenizer reproduces the frozen teacher's feature map (cosine loss) + L_vq;
-    no pixel, perceptual or GAN loss. Returns the same (x_hat, idx, terms) as g_backward (x_hat = features)."""
-    with ctx:
-        f_pred, idx, q = model(x)
-        with torch.no_grad():
-            teacher = perceptual.features(x, logits=False)[lc.teacher_layer]
-        kd = S.feature_kd_loss(f_pred, teacher)
-        loss = kd + q["loss"]
-    (scale * loss).backward()
-    zero = torch.zeros((), device=x.device)
-    terms = [loss, zero, zero, zero, zero, q["codebook_loss"], q["commitment_loss"], q["entropy"], zero, zero, kd,
-             q["sample_changed"]]
-    return f_pred, idx, torch.stack([t.detach().float() for t in terms])
-
-
-def d_backward(disc, x, x_hat, lc, step, ctx, scale=1.0):
-    """The discriminator's loss on real x and *detached* reconstructions, with lazy R1 every r1_every steps;
-    scale * loss backpropagated. Returns the detached (loss, r1).
-
-    R1 runs on the plain module, unwrapped from DDP and from torch.compile, *before* the DDP forward: R1
-    differentiates D's output w.r.t. its input with create_graph (a double backward), which neither DDP's
-    reducer nor a compiled module (AOTAutograd) supports. Under DDP the R1 gradients land in .grad
-    unsynchronised, and the DDP backward that follows averages everything .grad then holds over the ranks
-    (as it does for the no-sync micro-steps), R1 included. D's minibatch-stddev layer sees each rank's
-    own batch, so D's loss is not that of the global batch."""
-    plain = disc.module if isinstance(disc, DDP) else disc
-    plain = getattr(plain, "_orig_mod", plain)  # torch.compile's OptimizedModule wraps the plain module
-    r1 = torch.zeros((), device=x.device)
-    if step % lc.r1_every == 0:
-        r1 = S.r1_penalty(plain, x)
-        # scaled by the interval, as in StyleGAN2
-        (scale * lc.r1_gamma / 2 * lc.r1_every * r1).backward()
-    with ctx:
-        loss = S.d_loss(disc(x), disc(x_hat.detach()))
-    (scale * loss).backward()
-    return (loss + lc.r1_gamma / 2 * lc.r1_every * r1).detach().float(), r1.detach().float()
-
-
-def d_step(disc, opt_d, x, x_hat, lc, step, ctx):
-    """One whole discriminator step on one batch (d_backward, then the optimizer) -> (loss, r1)."""
-    opt_d.zero_grad(set_to_none=True)
-    out = d_backward(disc, x, x_hat, lc, step, ctx)
-    opt_d.step()
-    return out
-
-
 @torch.no_grad()
 def evaluate(model, val, tc, mc, device, ctx):
     """PSNR and codebook usage over the held-out images (usage = distinct codes over the whole pass)."""
@@ -355,10 +272,9 @@ def main(argv=None):
                                           opt_g=opt_g.state_dict(), opt_d=opt_d.state_dict()))
 
     data = batches(ds, tc, step, device, rank, world)
-    names = ["loss", "l1", "perceptual", "l_low", "l_sem", "codebook", "commitment", "entropy", "g_adv", "pcl", "kd",
-             "sample_changed", "d_loss", "r1"]
-    # Running sums and code counts, summed over the ranks and read back only at log time: no per-step sync.
-    acc = torch.zeros(len(names), device=device)
+    # Running sums of the named terms and code counts, summed over the ranks and read back only at log
+    # time: no per-step sync.
+    acc = {}
     counts = torch.zeros(mc.n_codes, device=device, dtype=torch.long)
     n_acc, t0, zero = 0, time.time(), torch.zeros((), device=device)
     micro_steps = range(tc.grad_accum)
@@ -375,16 +291,18 @@ def main(argv=None):
             # no_sync() context manager, which only toggles this flag (nanoGPT does the same).
             gan_w = S.gan_weight_at(step, lc) if not mc.feature_dim else 0.0
             opt_g.zero_grad(set_to_none=True)
-            xs, x_hats, terms = [], [], 0
+            xs, x_hats = [], []
             for micro in micro_steps:
                 x = S.to_input(next(data)[0], device, mc.image_size)
                 if ddp:
                     g_model.require_backward_grad_sync = micro == micro_steps[-1]
-                if mc.feature_dim:
-                    x_hat, idx, t = kd_backward(g_model, perceptual, x, lc, ctx, 1 / tc.grad_accum)
-                else:
-                    x_hat, idx, t = g_backward(g_model, g_disc, perceptual, x, lc, tc.phase, gan_w, ctx, 1 / tc.grad_accum)
-                terms = terms + t / tc.grad_accum
+                with ctx:
+                    x_hat, idx, q = g_model(x)
+                    loss, terms = S.tokenizer_loss(x, x_hat, q, lc, tc.phase, gan_w, g_disc, perceptual,
+                                                   vqkd=bool(mc.feature_dim))
+                (loss / tc.grad_accum).backward()
+                for k, v in terms.items():  # detached running sums on the device: no host sync
+                    acc[k] = acc.get(k, 0) + v.detach().float() / tc.grad_accum
                 S.count_codes(counts, idx)
                 xs.append(x)
                 x_hats.append(x_hat.detach())
@@ -397,11 +315,11 @@ def main(argv=None):
                 for micro in micro_steps:
                     if ddp:
                         d_disc.require_backward_grad_sync = micro == micro_steps[-1]
-                    d_m, r1_m = d_backward(d_disc, xs[micro], x_hats[micro], lc, step, ctx, 1 / tc.grad_accum)
+                    d_m, r1_m = S.d_backward(d_disc, xs[micro], x_hats[micro], lc, step, 1 / tc.grad_accum)
                     d, r1 = d + d_m / tc.grad_accum, r1 + r1_m / tc.grad_accum
                 opt_d.step()
 
-            acc += torch.cat([terms, torch.stack([d, r1])])
+            acc["d_loss"], acc["r1"] = acc.get("d_loss", 0) + d, acc.get("r1", 0) + r1
             n_acc += 1
             step += 1
             bar.update(1)
@@ -409,7 +327,7 @@ def main(argv=None):
             if step % tc.log_every == 0 or step == tc.steps:
                 # the one sync and host read of the interval; every rank sees the same numbers, so a
                 # non-finite loss stops them all alike
-                vals = dict(zip(names, (S.all_reduce_sum(acc) / (n_acc * world)).tolist()))
+                vals = dict(zip(acc, (S.all_reduce_sum(torch.stack(list(acc.values()))) / (n_acc * world)).tolist()))
                 S.all_reduce_sum(counts)
                 if not all(map(torch.isfinite, torch.tensor(list(vals.values())))):
                     raise S.SeqganError(f"non-finite loss at step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in vals.items())
@@ -422,7 +340,7 @@ def main(argv=None):
                     + f" | H/logK {vals['entropy'] / torch.log(torch.tensor(mc.n_codes)).item():.3f}"
                     + f" | usage {usage.item():.3f} ppl {ppl.item():.1f} | gan_w {gan_w:.3f} lr {lr:.2e} | {ips:.1f} img/s")
                 bar.set_postfix(l1=f"{vals['l1']:.3f}", usage=f"{usage.item():.2f}", ips=f"{ips:.0f}")
-                acc.zero_()
+                acc = {}
                 counts.zero_()
                 n_acc, t0 = 0, time.time()
 
