@@ -29,9 +29,9 @@ Related objectives (--objective regvq | vqkd), the same code paths:
   Reg-VQ stochastic mask, PCL       VectorQuantizer (mask_ratio), pcl_loss   test_mask_ratio_one_samples_from_softmax_of_minus_distance
   VQ-KD feature distillation        FeatureDecoder, feature_kd_loss          test_vqkd_phase1_has_no_pixel_decoder_and_learns_a_toy_teacher
 
-Sections, in dependency order: errors and small helpers, distributed (torchrun) helpers, configs,
-building blocks, quantizer, encoder/decoder/tokenizer, perceptual loss (and the Reg-VQ / VQ-KD
-losses), discriminator, priors and samplers, data, checkpoints.
+Sections, in the order a reader needs them: configs, building blocks, quantizer, tokenizer, losses
+(Eq. 3 and the whole objective: tokenizer_loss), discriminator, related objectives, priors, samplers,
+metrics; then the scripts' plumbing (command line, devices, torchrun, data, checkpoints).
 """
 
 import argparse
@@ -51,63 +51,12 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
-# -----------------------------------------------------------------------------
-# errors, devices, command-line plumbing shared by the scripts
 
+# -----------------------------------------------------------------------------
+# errors and config fields: the two helpers the configs below need
 
 class SeqganError(Exception):
     """A user-facing problem (bad flag, missing file): printed as one line, no traceback."""
-
-
-def cli(main):
-    """Run a script's main(); turn a SeqganError into `error: ...` and exit code 2. Under torchrun every
-    rank leaves the process group on the way out, error or not, and a failing rank exits non-zero,
-    so torchrun stops the others instead of leaving them waiting in a collective."""
-    try:
-        main()
-    except SeqganError as e:
-        msg = str(e)
-        if "Original Traceback" in msg:  # re-raised from a DataLoader worker: keep its last line
-            msg = msg.strip().splitlines()[-1].split("SeqganError: ", 1)[-1]
-        rank = os.environ.get("RANK", "0")  # an error can be one rank's own (a bad image in its shard)
-        print(f"error: {msg}" if rank == "0" else f"error (rank {rank}): {msg}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def pick_device(name):
-    """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> torch.device, refusing CUDA without a GPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SeqganError(f"--device {name} was asked for but this machine has no CUDA GPU; use --device cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise SeqganError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-
-
-def autocast(device):
-    """bf16 autocast on GPUs that support it; fp32 elsewhere (no fp16 + GradScaler path)."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
-
-
-# Dense bf16 tensor-core peak FLOP/s by GPU name, for MFU (nanoGPT hard-codes the A100's).
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
-
-
-def peak_flops(device, override=0.0):
-    """Peak FLOP/s used for MFU: the override if given, else looked up by GPU name; None if unknown."""
-    if override:
-        return override
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
 def knob(default, help):
@@ -115,139 +64,8 @@ def knob(default, help):
     return field(default=default, metadata={"help": help})
 
 
-def add_config_args(parser, *config_classes, defaults=None):
-    """One flag per dataclass field (--image-size for image_size); the type comes from the default.
-    Flags left out stay absent from the namespace, so presets and checkpoints can fill them."""
-    defaults = defaults or {}
-    for cls in config_classes:
-        group = parser.add_argument_group(cls.__name__)
-        for f in fields(cls):
-            default = defaults.get(f.name, f.default)
-            flag = "--" + f.name.replace("_", "-")
-            help = f"{f.metadata['help']} (default: {default})"
-            if isinstance(f.default, bool):
-                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help)
-            elif isinstance(f.default, tuple):
-                group.add_argument(flag, type=lambda s: tuple(int(v) for v in s.split(",")),
-                                   default=argparse.SUPPRESS, metavar="A,B,..", help=help)
-            else:
-                group.add_argument(flag, type=type(f.default), default=argparse.SUPPRESS, help=help)
-
-
-def config_from_args(cls, args, defaults=None):
-    """Build a config: dataclass defaults < preset `defaults` < flags given on the command line."""
-    names = {f.name for f in fields(cls)}
-    kw = {k: v for k, v in (defaults or {}).items() if k in names}
-    kw.update({k: v for k, v in vars(args).items() if k in names})
-    return cls(**kw)
-
-
 # -----------------------------------------------------------------------------
-# distributed: one process per GPU under torchrun (nanoGPT's DDP pattern)
-#
-# torchrun (python -m torch.distributed.run) sets RANK, LOCAL_RANK, WORLD_SIZE and LOCAL_WORLD_SIZE in
-# every process it starts; a plain `python script.py` sets none of them, and each helper below then
-# reduces to the one-process case. Rank 0 is the master: it alone logs and writes files.
-
-# Collectives wait this long for a slow rank: rank 0 may tokenize a large data set for train_prior.py
-# while the others wait at a barrier (NCCL's default is 10 minutes). A crashed rank does not make
-# the others wait this long: torchrun stops them as soon as one process exits with an error.
-DIST_TIMEOUT = datetime.timedelta(hours=2)
-
-
-def setup_distributed(device_flag, backend="auto"):
-    """--device and --backend -> (ddp, rank, local_rank, world_size, device), joining the process group
-    under torchrun: one GPU per process (cuda:LOCAL_RANK), NCCL on GPUs and gloo on CPU. Every check
-    comes before init_process_group, so a bad flag stops every rank alike and none waits for the rest."""
-    if backend not in ("auto", "nccl", "gloo"):
-        raise SeqganError(f"unknown --backend {backend}; use auto (NCCL on GPUs, gloo on CPU), nccl or gloo")
-    device = pick_device(device_flag)
-    if "RANK" not in os.environ:
-        return False, 0, 0, 1, device
-    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-    if device.type == "cuda":
-        if device.index is not None:
-            raise SeqganError(f"--device {device_flag}: under torchrun each process takes the GPU cuda:LOCAL_RANK; "
-                              "pass --device cuda (or auto)")
-        n_local = max(int(os.environ.get("LOCAL_WORLD_SIZE", 1)), local_rank + 1)  # processes on this node
-        n_gpus = torch.cuda.device_count()
-        if n_local > n_gpus:
-            raise SeqganError(f"torchrun started {n_local} processes on this node, which has {n_gpus} GPU(s); "
-                              f"pass --nproc_per_node {n_gpus} or fewer (one process per GPU)")
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    if backend == "auto":
-        backend = "nccl" if device.type == "cuda" else "gloo"
-    elif backend == "nccl" and device.type != "cuda":
-        raise SeqganError(f"--backend nccl runs on CUDA GPUs only, but the device is {device}; "
-                          "use --backend gloo (or auto)")
-    dist.init_process_group(backend=backend, timeout=DIST_TIMEOUT)
-    return True, rank, local_rank, world, device
-
-
-def is_master():
-    """True on rank 0, and in a run without torchrun."""
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def teardown():
-    """Leave the process group (the scripts' last line; seqgan.cli also does it when a script fails)."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def shard(n, rank, world):
-    """The items of 0..n-1 that one rank handles: a contiguous range, sizes differing by at most one,
-    so the shards of ranks 0, 1, .. in order are 0..n-1 again."""
-    return range(rank * n // world, (rank + 1) * n // world)
-
-
-def all_reduce_sum(t):
-    """Sum a tensor over the ranks, in place; the tensor itself without torchrun."""
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t
-
-
-def batch_text(batch_size, grad_accum, world):
-    """The global batch (per optimizer step, over all ranks), spelled out: '256 (32 x 8 processes)'."""
-    parts = [str(batch_size)] + [f"{grad_accum} accum"] * (grad_accum > 1) + [f"{world} processes"] * (world > 1)
-    return f"{batch_size * grad_accum * world}" + (f" ({' x '.join(parts)})" if len(parts) > 1 else "")
-
-
-def batch_change_warning(ckpt, batch_size, grad_accum, world):
-    """One warning line when a resumed checkpoint was trained with another global batch, else None."""
-    saved, saved_world = ckpt["train_config"], ckpt.get("world_size", 1)
-    before = saved["batch_size"] * saved.get("grad_accum", 1) * saved_world
-    if before != batch_size * grad_accum * world:
-        return (f"warning: the checkpoint was trained with a global batch of {before} ({saved_world} process(es)); "
-                f"continuing with a global batch of {batch_text(batch_size, grad_accum, world)}, learning rate unchanged")
-
-
-def gather_rows(x):
-    """Every rank's rows x (n_r, ...) concatenated in rank order, on every rank. all_gather needs one
-    shape, so each rank pads to the largest n_r and the padding is cut off again."""
-    if not dist.is_initialized():
-        return x
-    if dist.get_backend() == "gloo":
-        x = x.cpu()  # gloo gathers CPU tensors only
-    n = torch.tensor([len(x)], device=x.device)
-    sizes = [torch.empty_like(n) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, n)
-    sizes = [int(s) for s in sizes]
-    padded = torch.cat([x, x.new_zeros((max(sizes) - len(x), *x.shape[1:]))])
-    parts = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded)
-    return torch.cat([p[:s] for p, s in zip(parts, sizes)])
-
-
-# -----------------------------------------------------------------------------
-# configs
+# configs: the tokenizer's shape, its objective's weights, the prior's shape; presets as field overrides
 
 
 # The three tokenizer objectives as default overrides (flags given on the command line win).
@@ -346,8 +164,37 @@ PRESETS = {
 }
 
 
+@dataclass
+class PriorConfig:
+    """Shape of the prior transformer (Table 8). n_codes, grid and n_classes come from the tokenizer
+    and the data, causal from --model ar|nar; the rest are flags of train_prior.py."""
+    n_codes: int = knob(1024, "K, the tokenizer's codebook size")
+    grid: int = knob(64, "h*w tokens per image (8x8 classroom, 16x16 paper)")
+    n_classes: int = knob(0, "classes for conditioning; 0 = unconditional")
+    n_layer: int = knob(8, "transformer layers")
+    n_head: int = knob(8, "attention heads")
+    n_embd: int = knob(256, "embedding width (MLP 4x)")
+    dropout: float = knob(0.1, "dropout in attention, MLP and embeddings")
+    causal: bool = knob(True, "True: AR prior, False: NAR (MaskGIT) prior")
+
+
+# Table 8: 24 layers, 16 heads, d 768, MLP 3072 (4x), dropout 0.1 -> ~172M params;
+# large: d 1024, MLP 4096 -> ~305M. The paper gives no head count for large: 16 assumed.
+PRIOR_PRESETS = {
+    "cpu": dict(n_layer=4, n_head=4, n_embd=128, dropout=0.1),
+    "classroom": dict(n_layer=8, n_head=8, n_embd=256, dropout=0.1),
+    "base": dict(n_layer=24, n_head=16, n_embd=768, dropout=0.1),
+    "large": dict(n_layer=24, n_head=16, n_embd=1024, dropout=0.1),
+}
+
+
+def prior_preset(name, n_codes, grid, n_classes, causal):
+    """A PriorConfig with the shape of a named preset (Table 8) and the data's vocab/grid/classes."""
+    return PriorConfig(n_codes=n_codes, grid=grid, n_classes=n_classes, causal=causal, **PRIOR_PRESETS[name])
+
+
 # -----------------------------------------------------------------------------
-# building blocks
+# building blocks of the encoder and decoder
 
 
 def Normalize(c):
@@ -385,47 +232,6 @@ class Upsample(nn.Module):
 
     def forward(self, x):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-
-class BlockAttention(nn.Module):
-    """Interleaved block-regional + dilated attention for the phase-2 decoder (section 3.3, HiT).
-
-    The map is cut into non-overlapping P x P blocks. Half of the heads attend within each
-    block (regional: local detail); the other half attend across blocks among the positions
-    that share an offset inside their block (dilated: a sparse global view). The two halves
-    are concatenated along channels and projected. The projection starts at zero, so the
-    enhanced decoder initially computes exactly what the phase-1 decoder did."""
-
-    def __init__(self, c, n_heads, block):
-        super().__init__()
-        self.n_heads, self.block = n_heads, block
-        self.norm = Normalize(c)
-        self.qkv = nn.Conv2d(c, 3 * c, 1)
-        self.proj = nn.Conv2d(c, c, 1)
-        nn.init.zeros_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
-
-    def forward(self, x):
-        B, C, H, W = x.shape
-        nh, P, half = self.n_heads, self.block, self.n_heads // 2
-        hs, Hb, Wb = C // nh, H // P, W // P
-        # (B, 3C, H, W) -> 3 x (B, nh, Hb, Wb, P, P, hs): block index, offset in block, head dim
-        qkv = self.qkv(self.norm(x)).reshape(B, 3, nh, hs, Hb, P, Wb, P)
-        q, k, v = qkv.permute(1, 0, 2, 4, 6, 5, 7, 3).unbind(0)
-
-        def regional(t):  # (B, half, Hb, Wb, P, P, hs) -> (B*half, blocks, P*P, hs)
-            return t[:, :half].reshape(B * half, Hb * Wb, P * P, hs)
-
-        def dilated(t):  # -> (B*half, P*P offsets, blocks, hs)
-            return t[:, half:].permute(0, 1, 4, 5, 2, 3, 6).reshape(B * (nh - half), P * P, Hb * Wb, hs)
-
-        o_r = F.scaled_dot_product_attention(regional(q), regional(k), regional(v))
-        o_d = F.scaled_dot_product_attention(dilated(q), dilated(k), dilated(v))
-        o_r = o_r.reshape(B, half, Hb, Wb, P, P, hs)
-        o_d = o_d.reshape(B, nh - half, P, P, Hb, Wb, hs).permute(0, 1, 4, 5, 2, 3, 6)
-        o = torch.cat([o_r, o_d], dim=1)  # (B, nh, Hb, Wb, P, P, hs)
-        o = o.permute(0, 1, 6, 2, 4, 3, 5).reshape(B, C, H, W)
-        return x + self.proj(o)
 
 
 # -----------------------------------------------------------------------------
@@ -537,14 +343,8 @@ def codebook_usage(counts):
     return (counts > 0).float().mean(), perplexity
 
 
-def psnr(x_hat, x):
-    """Mean PSNR in dB of images in [-1, 1] (compared in [0, 1])."""
-    mse = ((x_hat.clamp(-1, 1) - x) / 2).pow(2).flatten(1).mean(1)
-    return (10 * torch.log10(1.0 / mse.clamp_min(1e-10))).mean()
-
-
 # -----------------------------------------------------------------------------
-# encoder, decoder, tokenizer (Table 7)
+# encoder, decoder, tokenizer (Table 7; the phase-2 decoder's attention of section 3.3)
 
 
 class Encoder(nn.Module):
@@ -568,6 +368,47 @@ class Encoder(nn.Module):
 
     def forward(self, x):  # (B, 3, H, W) -> (B, code_dim, H/f, W/f)
         return self.conv_out(F.silu(self.norm_out(self.blocks(self.conv_in(x)))))
+
+
+class BlockAttention(nn.Module):
+    """Interleaved block-regional + dilated attention for the phase-2 decoder (section 3.3, HiT).
+
+    The map is cut into non-overlapping P x P blocks. Half of the heads attend within each
+    block (regional: local detail); the other half attend across blocks among the positions
+    that share an offset inside their block (dilated: a sparse global view). The two halves
+    are concatenated along channels and projected. The projection starts at zero, so the
+    enhanced decoder initially computes exactly what the phase-1 decoder did."""
+
+    def __init__(self, c, n_heads, block):
+        super().__init__()
+        self.n_heads, self.block = n_heads, block
+        self.norm = Normalize(c)
+        self.qkv = nn.Conv2d(c, 3 * c, 1)
+        self.proj = nn.Conv2d(c, c, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        nh, P, half = self.n_heads, self.block, self.n_heads // 2
+        hs, Hb, Wb = C // nh, H // P, W // P
+        # (B, 3C, H, W) -> 3 x (B, nh, Hb, Wb, P, P, hs): block index, offset in block, head dim
+        qkv = self.qkv(self.norm(x)).reshape(B, 3, nh, hs, Hb, P, Wb, P)
+        q, k, v = qkv.permute(1, 0, 2, 4, 6, 5, 7, 3).unbind(0)
+
+        def regional(t):  # (B, half, Hb, Wb, P, P, hs) -> (B*half, blocks, P*P, hs)
+            return t[:, :half].reshape(B * half, Hb * Wb, P * P, hs)
+
+        def dilated(t):  # -> (B*half, P*P offsets, blocks, hs)
+            return t[:, half:].permute(0, 1, 4, 5, 2, 3, 6).reshape(B * (nh - half), P * P, Hb * Wb, hs)
+
+        o_r = F.scaled_dot_product_attention(regional(q), regional(k), regional(v))
+        o_d = F.scaled_dot_product_attention(dilated(q), dilated(k), dilated(v))
+        o_r = o_r.reshape(B, half, Hb, Wb, P, P, hs)
+        o_d = o_d.reshape(B, nh - half, P, P, Hb, Wb, hs).permute(0, 1, 4, 5, 2, 3, 6)
+        o = torch.cat([o_r, o_d], dim=1)  # (B, nh, Hb, Wb, P, P, hs)
+        o = o.permute(0, 1, 6, 2, 4, 3, 5).reshape(B, C, H, W)
+        return x + self.proj(o)
 
 
 class Decoder(nn.Module):
@@ -605,22 +446,6 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-class FeatureDecoder(nn.Module):
-    """VQ-KD phase 1: code vectors (B, D, h, w) -> teacher features (B, feature_dim, h, w) on the token
-    grid. A few ResBlocks at the lowest width; it is dropped when phase 2 builds the pixel decoder."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        c = cfg.channels * cfg.ch_mult[-1]
-        self.conv_in = nn.Conv2d(cfg.code_dim, c, 3, padding=1)
-        self.blocks = nn.Sequential(*[ResBlock(c, c) for _ in range(cfg.n_res)])
-        self.norm_out = Normalize(c)
-        self.conv_out = nn.Conv2d(c, cfg.feature_dim, 1)
-
-    def forward(self, z_q):
-        return self.conv_out(F.silu(self.norm_out(self.blocks(self.conv_in(z_q)))))
-
-
 class Tokenizer(nn.Module):
     """Encoder -> VectorQuantizer -> Decoder. Images are (B, 3, H, W) in [-1, 1]. In VQ-KD phase 1
     (cfg.feature_dim > 0) the decoder is a FeatureDecoder and there is no pixel decoder at all."""
@@ -651,16 +476,19 @@ class Tokenizer(nn.Module):
         return self.decoder(self.quantizer.lookup(idx))
 
 
-def count_params(module):
-    return sum(p.numel() for p in module.parameters())
-
-
 # -----------------------------------------------------------------------------
-# perceptual loss (Eq. 3)
+# losses: the perceptual loss L_alpha (Eq. 3) and the tokenizer's whole generator objective
+
 
 VGG_TAPS = {3: "relu1_2", 8: "relu2_2", 15: "relu3_3", 22: "relu4_3", 29: "relu5_3"}  # torchvision vgg16().features
+
+
 VGG_CHANNELS = {"relu1_2": 64, "relu2_2": 128, "relu3_3": 256, "relu4_3": 512, "relu5_3": 512}
+
+
 LOW_LAYERS = ("relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3")
+
+
 SEM_LAYERS = ("relu5_3", "logits")
 
 
@@ -759,30 +587,47 @@ class PerceptualLoss(nn.Module):
         return self.alpha * l_sem + (1 - self.alpha) * l_low, dict(l_low=l_low, l_sem=l_sem, features=(f_hat, f))
 
 
-def pcl_loss(f_hat, f, sample_dist, temp):
-    """Reg-VQ's probabilistic contrastive loss, patch-wise InfoNCE between features of the reconstruction
-    (queries) and of the input (keys), pooled to the token grid: position i of x_hat should match
-    position i of x (positive) rather than any other position j of the same image (negatives).
-    Each positive term is weighted by w = (1 + |e_sampled - e_nearest|^2 / mean) / 2 (mean weight 1), so
-    positions whose code was sampled far from the nearest one are pulled harder; without sampling
-    every weight is 1 and this is the plain contrastive loss (CL) of the ablation.
-    The negative term (log-sum-exp over positions) is averaged over positions."""
-    B, h, w = sample_dist.shape
-    q = F.normalize(F.adaptive_avg_pool2d(f_hat.float(), (h, w)).flatten(2), dim=1)  # (B, C, n)
-    k = F.normalize(F.adaptive_avg_pool2d(f.float(), (h, w)).flatten(2), dim=1)  # (B, C, n)
-    logits = q.transpose(1, 2) @ k / temp  # (B, n, n): query i against key j
-    d = sample_dist.flatten(1).float()  # (B, n)
-    weight = torch.where(d.mean() > 0, (1 + d / d.mean().clamp_min(1e-12)) / 2, torch.ones_like(d))
-    positive = logits.diagonal(dim1=1, dim2=2)  # (B, n)
-    return (torch.logsumexp(logits, dim=2) - weight * positive).mean()
+def tokenizer_loss(x, x_hat, q, loss_cfg, phase=1, gan_w=0.0, disc=None, perceptual=None, vqkd=False):
+    """The generator's loss on one batch, from the tokenizer's output (x_hat, _, q = tokenizer(x)).
+    Returns (total, terms): terms names every logged quantity, total among them as "loss".
 
+      SeQ-GAN, Reg-VQ  total = l1_weight * L1 + perceptual_weight * L_alpha (Eq. 3) + gan_w * L_adv
+                               + L_vq (Eq. 2 and the entropy term; phase 1 only: phase 2 freezes the
+                                 encoder and codebook, their terms are only logged)
+                               + pcl_weight * PCL (Reg-VQ)
+      VQ-KD phase 1    total = KD (1 - cos to the teacher's features; x_hat holds features) + L_vq
 
-def feature_kd_loss(f_pred, teacher):
-    """VQ-KD phase 1: 1 - cos(predicted, teacher feature) per token position, averaged. The teacher map
-    (B, C, H, W) is resized to the token grid of f_pred (B, C, h, w)."""
-    t = F.interpolate(teacher.float(), size=f_pred.shape[-2:], mode="bilinear", align_corners=False,
-                      antialias=teacher.shape[-1] > f_pred.shape[-1])
-    return (1 - F.cosine_similarity(f_pred.float(), t, dim=1)).mean()
+    disc is the plain discriminator, never the DDP one: G needs D's input gradient only, so D's
+    parameters are left out of the graph. With gan_w = 0, D is not run at all."""
+    zero = torch.zeros((), device=x.device)
+    terms = dict(loss=zero, l1=zero, perceptual=zero, l_low=zero, l_sem=zero, codebook=q["codebook_loss"],
+                 commitment=q["commitment_loss"], entropy=q["entropy"], g_adv=zero, pcl=zero, kd=zero,
+                 sample_changed=q["sample_changed"])
+    if vqkd:
+        with torch.no_grad():
+            teacher = perceptual.features(x, logits=False)[loss_cfg.teacher_layer]
+        terms["kd"] = feature_kd_loss(x_hat, teacher)
+        terms["loss"] = terms["kd"] + q["loss"]
+        return terms["loss"], terms
+    terms["l1"] = (x_hat.float() - x).abs().mean()
+    loss = loss_cfg.l1_weight * terms["l1"]
+    if perceptual is not None:
+        terms["perceptual"], p_terms = perceptual(x_hat, x)
+        terms["l_low"], terms["l_sem"] = p_terms["l_low"], p_terms["l_sem"]
+        loss = loss + loss_cfg.perceptual_weight * terms["perceptual"]
+    if gan_w > 0:
+        disc.requires_grad_(False)  # the graph keeps D's input gradient, not its parameter gradients
+        terms["g_adv"] = g_loss(disc(x_hat))
+        disc.requires_grad_(True)
+        loss = loss + gan_w * terms["g_adv"]
+    if phase == 1:
+        loss = loss + q["loss"]
+    if loss_cfg.pcl_weight > 0:  # Reg-VQ: contrastive loss on relu3_3 features, pooled to the token grid
+        f_hat, f = p_terms["features"]
+        terms["pcl"] = pcl_loss(f_hat["relu3_3"], f["relu3_3"], q["sample_dist"], loss_cfg.pcl_temp)
+        loss = loss + loss_cfg.pcl_weight * terms["pcl"]
+    terms["loss"] = loss
+    return loss, terms
 
 
 # -----------------------------------------------------------------------------
@@ -898,84 +743,55 @@ def d_backward(disc, x, x_hat, loss_cfg, step, scale=1.0):
 
 
 # -----------------------------------------------------------------------------
-# the tokenizer's whole generator objective, both phases, every objective
+# related objectives (off for SeQ-GAN): Reg-VQ's contrastive loss, VQ-KD's feature decoder and distillation
 
-def tokenizer_loss(x, x_hat, q, loss_cfg, phase=1, gan_w=0.0, disc=None, perceptual=None, vqkd=False):
-    """The generator's loss on one batch, from the tokenizer's output (x_hat, _, q = tokenizer(x)).
-    Returns (total, terms): terms names every logged quantity, total among them as "loss".
 
-      SeQ-GAN, Reg-VQ  total = l1_weight * L1 + perceptual_weight * L_alpha (Eq. 3) + gan_w * L_adv
-                               + L_vq (Eq. 2 and the entropy term; phase 1 only: phase 2 freezes the
-                                 encoder and codebook, their terms are only logged)
-                               + pcl_weight * PCL (Reg-VQ)
-      VQ-KD phase 1    total = KD (1 - cos to the teacher's features; x_hat holds features) + L_vq
+def pcl_loss(f_hat, f, sample_dist, temp):
+    """Reg-VQ's probabilistic contrastive loss, patch-wise InfoNCE between features of the reconstruction
+    (queries) and of the input (keys), pooled to the token grid: position i of x_hat should match
+    position i of x (positive) rather than any other position j of the same image (negatives).
+    Each positive term is weighted by w = (1 + |e_sampled - e_nearest|^2 / mean) / 2 (mean weight 1), so
+    positions whose code was sampled far from the nearest one are pulled harder; without sampling
+    every weight is 1 and this is the plain contrastive loss (CL) of the ablation.
+    The negative term (log-sum-exp over positions) is averaged over positions."""
+    B, h, w = sample_dist.shape
+    q = F.normalize(F.adaptive_avg_pool2d(f_hat.float(), (h, w)).flatten(2), dim=1)  # (B, C, n)
+    k = F.normalize(F.adaptive_avg_pool2d(f.float(), (h, w)).flatten(2), dim=1)  # (B, C, n)
+    logits = q.transpose(1, 2) @ k / temp  # (B, n, n): query i against key j
+    d = sample_dist.flatten(1).float()  # (B, n)
+    weight = torch.where(d.mean() > 0, (1 + d / d.mean().clamp_min(1e-12)) / 2, torch.ones_like(d))
+    positive = logits.diagonal(dim1=1, dim2=2)  # (B, n)
+    return (torch.logsumexp(logits, dim=2) - weight * positive).mean()
 
-    disc is the plain discriminator, never the DDP one: G needs D's input gradient only, so D's
-    parameters are left out of the graph. With gan_w = 0, D is not run at all."""
-    zero = torch.zeros((), device=x.device)
-    terms = dict(loss=zero, l1=zero, perceptual=zero, l_low=zero, l_sem=zero, codebook=q["codebook_loss"],
-                 commitment=q["commitment_loss"], entropy=q["entropy"], g_adv=zero, pcl=zero, kd=zero,
-                 sample_changed=q["sample_changed"])
-    if vqkd:
-        with torch.no_grad():
-            teacher = perceptual.features(x, logits=False)[loss_cfg.teacher_layer]
-        terms["kd"] = feature_kd_loss(x_hat, teacher)
-        terms["loss"] = terms["kd"] + q["loss"]
-        return terms["loss"], terms
-    terms["l1"] = (x_hat.float() - x).abs().mean()
-    loss = loss_cfg.l1_weight * terms["l1"]
-    if perceptual is not None:
-        terms["perceptual"], p_terms = perceptual(x_hat, x)
-        terms["l_low"], terms["l_sem"] = p_terms["l_low"], p_terms["l_sem"]
-        loss = loss + loss_cfg.perceptual_weight * terms["perceptual"]
-    if gan_w > 0:
-        disc.requires_grad_(False)  # the graph keeps D's input gradient, not its parameter gradients
-        terms["g_adv"] = g_loss(disc(x_hat))
-        disc.requires_grad_(True)
-        loss = loss + gan_w * terms["g_adv"]
-    if phase == 1:
-        loss = loss + q["loss"]
-    if loss_cfg.pcl_weight > 0:  # Reg-VQ: contrastive loss on relu3_3 features, pooled to the token grid
-        f_hat, f = p_terms["features"]
-        terms["pcl"] = pcl_loss(f_hat["relu3_3"], f["relu3_3"], q["sample_dist"], loss_cfg.pcl_temp)
-        loss = loss + loss_cfg.pcl_weight * terms["pcl"]
-    terms["loss"] = loss
-    return loss, terms
+
+class FeatureDecoder(nn.Module):
+    """VQ-KD phase 1: code vectors (B, D, h, w) -> teacher features (B, feature_dim, h, w) on the token
+    grid. A few ResBlocks at the lowest width; it is dropped when phase 2 builds the pixel decoder."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        c = cfg.channels * cfg.ch_mult[-1]
+        self.conv_in = nn.Conv2d(cfg.code_dim, c, 3, padding=1)
+        self.blocks = nn.Sequential(*[ResBlock(c, c) for _ in range(cfg.n_res)])
+        self.norm_out = Normalize(c)
+        self.conv_out = nn.Conv2d(c, cfg.feature_dim, 1)
+
+    def forward(self, z_q):
+        return self.conv_out(F.silu(self.norm_out(self.blocks(self.conv_in(z_q)))))
+
+
+def feature_kd_loss(f_pred, teacher):
+    """VQ-KD phase 1: 1 - cos(predicted, teacher feature) per token position, averaged. The teacher map
+    (B, C, H, W) is resized to the token grid of f_pred (B, C, h, w)."""
+    t = F.interpolate(teacher.float(), size=f_pred.shape[-2:], mode="bilinear", align_corners=False,
+                      antialias=teacher.shape[-1] > f_pred.shape[-1])
+    return (1 - F.cosine_similarity(f_pred.float(), t, dim=1)).mean()
 
 
 # -----------------------------------------------------------------------------
 # generative priors over the token grid (section 3.2, Table 8): one transformer, two uses.
 # causal=True is the AR prior (VQGAN-style next-token prediction in raster order);
-# causal=False is the NAR prior (MaskGIT: bidirectional, [MASK] = id K).
-
-
-@dataclass
-class PriorConfig:
-    """Shape of the prior transformer (Table 8). n_codes, grid and n_classes come from the tokenizer
-    and the data, causal from --model ar|nar; the rest are flags of train_prior.py."""
-    n_codes: int = knob(1024, "K, the tokenizer's codebook size")
-    grid: int = knob(64, "h*w tokens per image (8x8 classroom, 16x16 paper)")
-    n_classes: int = knob(0, "classes for conditioning; 0 = unconditional")
-    n_layer: int = knob(8, "transformer layers")
-    n_head: int = knob(8, "attention heads")
-    n_embd: int = knob(256, "embedding width (MLP 4x)")
-    dropout: float = knob(0.1, "dropout in attention, MLP and embeddings")
-    causal: bool = knob(True, "True: AR prior, False: NAR (MaskGIT) prior")
-
-
-# Table 8: 24 layers, 16 heads, d 768, MLP 3072 (4x), dropout 0.1 -> ~172M params;
-# large: d 1024, MLP 4096 -> ~305M. The paper gives no head count for large: 16 assumed.
-PRIOR_PRESETS = {
-    "cpu": dict(n_layer=4, n_head=4, n_embd=128, dropout=0.1),
-    "classroom": dict(n_layer=8, n_head=8, n_embd=256, dropout=0.1),
-    "base": dict(n_layer=24, n_head=16, n_embd=768, dropout=0.1),
-    "large": dict(n_layer=24, n_head=16, n_embd=1024, dropout=0.1),
-}
-
-
-def prior_preset(name, n_codes, grid, n_classes, causal):
-    """A PriorConfig with the shape of a named preset (Table 8) and the data's vocab/grid/classes."""
-    return PriorConfig(n_codes=n_codes, grid=grid, n_classes=n_classes, causal=causal, **PRIOR_PRESETS[name])
+# causal=False is the NAR prior (MaskGIT: bidirectional, [MASK] = id K). Their losses follow the model.
 
 
 class SelfAttention(nn.Module):
@@ -1109,8 +925,6 @@ def estimate_flops_per_token(cfg):
     return 6 * num_params(cfg, embeddings=False) + 12 * L * H * Q * T
 
 
-# prior losses: next token (AR), masked tokens (MaskGIT)
-
 def ar_loss(model, idx, y=None):
     """Next-token cross-entropy over the raster-order grid; idx (B, N) -> (loss, accuracy)."""
     logits = model(idx, y).float()  # (B, N, K), row j predicts idx[:, j] from idx[:, :j]
@@ -1146,7 +960,9 @@ def maskgit_loss(model, idx, y=None, generator=None):
     return loss, acc
 
 
-# sampling: AR with a KV cache, MaskGIT iterative decoding, the Fig. 4 visualization
+# -----------------------------------------------------------------------------
+# samplers: AR with a KV cache, MaskGIT iterative decoding, the Fig. 4 visualization
+
 
 def top_k_filter(logits, k):
     """Keep the k largest logits of each row (ties with the k-th are kept too), -inf elsewhere; k=0 keeps all."""
@@ -1292,9 +1108,214 @@ def teacher_forced_prediction(model, idx, y=None):
 
 
 # -----------------------------------------------------------------------------
+# metrics: reconstruction PSNR (codebook usage is above, with the quantizer; FID's math is in fid.py)
+
+
+def psnr(x_hat, x):
+    """Mean PSNR in dB of images in [-1, 1] (compared in [0, 1])."""
+    mse = ((x_hat.clamp(-1, 1) - x) / 2).pow(2).flatten(1).mean(1)
+    return (10 * torch.log10(1.0 / mse.clamp_min(1e-10))).mean()
+
+
+# -----------------------------------------------------------------------------
+# === script plumbing: everything below serves the scripts, not the method ===
+# command line and devices
+
+
+def cli(main):
+    """Run a script's main(); turn a SeqganError into `error: ...` and exit code 2. Under torchrun every
+    rank leaves the process group on the way out, error or not, and a failing rank exits non-zero,
+    so torchrun stops the others instead of leaving them waiting in a collective."""
+    try:
+        main()
+    except SeqganError as e:
+        msg = str(e)
+        if "Original Traceback" in msg:  # re-raised from a DataLoader worker: keep its last line
+            msg = msg.strip().splitlines()[-1].split("SeqganError: ", 1)[-1]
+        rank = os.environ.get("RANK", "0")  # an error can be one rank's own (a bad image in its shard)
+        print(f"error: {msg}" if rank == "0" else f"error (rank {rank}): {msg}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def pick_device(name):
+    """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> torch.device, refusing CUDA without a GPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SeqganError(f"--device {name} was asked for but this machine has no CUDA GPU; use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise SeqganError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+
+
+def autocast(device):
+    """bf16 autocast on GPUs that support it; fp32 elsewhere (no fp16 + GradScaler path)."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+# Dense bf16 tensor-core peak FLOP/s by GPU name, for MFU (nanoGPT hard-codes the A100's).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
+
+
+def peak_flops(device, override=0.0):
+    """Peak FLOP/s used for MFU: the override if given, else looked up by GPU name; None if unknown."""
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def add_config_args(parser, *config_classes, defaults=None):
+    """One flag per dataclass field (--image-size for image_size); the type comes from the default.
+    Flags left out stay absent from the namespace, so presets and checkpoints can fill them."""
+    defaults = defaults or {}
+    for cls in config_classes:
+        group = parser.add_argument_group(cls.__name__)
+        for f in fields(cls):
+            default = defaults.get(f.name, f.default)
+            flag = "--" + f.name.replace("_", "-")
+            help = f"{f.metadata['help']} (default: {default})"
+            if isinstance(f.default, bool):
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help)
+            elif isinstance(f.default, tuple):
+                group.add_argument(flag, type=lambda s: tuple(int(v) for v in s.split(",")),
+                                   default=argparse.SUPPRESS, metavar="A,B,..", help=help)
+            else:
+                group.add_argument(flag, type=type(f.default), default=argparse.SUPPRESS, help=help)
+
+
+def config_from_args(cls, args, defaults=None):
+    """Build a config: dataclass defaults < preset `defaults` < flags given on the command line."""
+    names = {f.name for f in fields(cls)}
+    kw = {k: v for k, v in (defaults or {}).items() if k in names}
+    kw.update({k: v for k, v in vars(args).items() if k in names})
+    return cls(**kw)
+
+
+def count_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+# -----------------------------------------------------------------------------
+# distributed: one process per GPU under torchrun (nanoGPT's DDP pattern)
+#
+# torchrun (python -m torch.distributed.run) sets RANK, LOCAL_RANK, WORLD_SIZE and LOCAL_WORLD_SIZE in
+# every process it starts; a plain `python script.py` sets none of them, and each helper below then
+# reduces to the one-process case. Rank 0 is the master: it alone logs and writes files.
+
+
+# Collectives wait this long for a slow rank: rank 0 may tokenize a large data set for train_prior.py
+# while the others wait at a barrier (NCCL's default is 10 minutes). A crashed rank does not make
+# the others wait this long: torchrun stops them as soon as one process exits with an error.
+DIST_TIMEOUT = datetime.timedelta(hours=2)
+
+
+def setup_distributed(device_flag, backend="auto"):
+    """--device and --backend -> (ddp, rank, local_rank, world_size, device), joining the process group
+    under torchrun: one GPU per process (cuda:LOCAL_RANK), NCCL on GPUs and gloo on CPU. Every check
+    comes before init_process_group, so a bad flag stops every rank alike and none waits for the rest."""
+    if backend not in ("auto", "nccl", "gloo"):
+        raise SeqganError(f"unknown --backend {backend}; use auto (NCCL on GPUs, gloo on CPU), nccl or gloo")
+    device = pick_device(device_flag)
+    if "RANK" not in os.environ:
+        return False, 0, 0, 1, device
+    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    if device.type == "cuda":
+        if device.index is not None:
+            raise SeqganError(f"--device {device_flag}: under torchrun each process takes the GPU cuda:LOCAL_RANK; "
+                              "pass --device cuda (or auto)")
+        n_local = max(int(os.environ.get("LOCAL_WORLD_SIZE", 1)), local_rank + 1)  # processes on this node
+        n_gpus = torch.cuda.device_count()
+        if n_local > n_gpus:
+            raise SeqganError(f"torchrun started {n_local} processes on this node, which has {n_gpus} GPU(s); "
+                              f"pass --nproc_per_node {n_gpus} or fewer (one process per GPU)")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    elif backend == "nccl" and device.type != "cuda":
+        raise SeqganError(f"--backend nccl runs on CUDA GPUs only, but the device is {device}; "
+                          "use --backend gloo (or auto)")
+    dist.init_process_group(backend=backend, timeout=DIST_TIMEOUT)
+    return True, rank, local_rank, world, device
+
+
+def is_master():
+    """True on rank 0, and in a run without torchrun."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def teardown():
+    """Leave the process group (the scripts' last line; seqgan.cli also does it when a script fails)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard(n, rank, world):
+    """The items of 0..n-1 that one rank handles: a contiguous range, sizes differing by at most one,
+    so the shards of ranks 0, 1, .. in order are 0..n-1 again."""
+    return range(rank * n // world, (rank + 1) * n // world)
+
+
+def all_reduce_sum(t):
+    """Sum a tensor over the ranks, in place; the tensor itself without torchrun."""
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def batch_text(batch_size, grad_accum, world):
+    """The global batch (per optimizer step, over all ranks), spelled out: '256 (32 x 8 processes)'."""
+    parts = [str(batch_size)] + [f"{grad_accum} accum"] * (grad_accum > 1) + [f"{world} processes"] * (world > 1)
+    return f"{batch_size * grad_accum * world}" + (f" ({' x '.join(parts)})" if len(parts) > 1 else "")
+
+
+def batch_change_warning(ckpt, batch_size, grad_accum, world):
+    """One warning line when a resumed checkpoint was trained with another global batch, else None."""
+    saved, saved_world = ckpt["train_config"], ckpt.get("world_size", 1)
+    before = saved["batch_size"] * saved.get("grad_accum", 1) * saved_world
+    if before != batch_size * grad_accum * world:
+        return (f"warning: the checkpoint was trained with a global batch of {before} ({saved_world} process(es)); "
+                f"continuing with a global batch of {batch_text(batch_size, grad_accum, world)}, learning rate unchanged")
+
+
+def gather_rows(x):
+    """Every rank's rows x (n_r, ...) concatenated in rank order, on every rank. all_gather needs one
+    shape, so each rank pads to the largest n_r and the padding is cut off again."""
+    if not dist.is_initialized():
+        return x
+    if dist.get_backend() == "gloo":
+        x = x.cpu()  # gloo gathers CPU tensors only
+    n = torch.tensor([len(x)], device=x.device)
+    sizes = [torch.empty_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    sizes = [int(s) for s in sizes]
+    padded = torch.cat([x, x.new_zeros((max(sizes) - len(x), *x.shape[1:]))])
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)])
+
+
+# -----------------------------------------------------------------------------
 # data: image folders, CIFAR-10 and Fashion-MNIST, as uint8 (3, S, S) tensors
 
+
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 
