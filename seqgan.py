@@ -284,19 +284,27 @@ class VectorQuantizer(nn.Module):
         """Indices (B, h, w) -> code vectors (B, D, h, w)."""
         return F.embedding(idx, self.codes()).permute(0, 3, 1, 2)
 
+    def nearest(self, z):
+        """Eq. 1 for flat vectors z (N, D) in fp32: k* = argmin_k |z - e_k|^2 (N,), and the distances (N, K)."""
+        d = self.distances(z)
+        return d.argmin(1), d
+
     def forward(self, z_e):
         B, D, h, w = z_e.shape
         with torch.autocast(z_e.device.type, enabled=False):
             z = z_e.float().permute(0, 2, 3, 1).reshape(-1, D)  # (N, D), N = B*h*w
             z = F.normalize(z, dim=1) if self.cosine else z
             e = self.codes()  # (K, D)
-            d = self.distances(z)  # (N, K)
-            idx = d.argmin(1)  # Eq. 1: k* = argmin_k |z_e - e_k|
+
+            # Eq. 1: z_q = e_k*, k* = argmin_k |z_e - e_k|
+            idx, d = self.nearest(z)  # (N,), (N, K)
             z_q = e[idx]  # (N, D)
+
             # Eq. 2: |sg[E(x)] - z_q|^2 + beta |sg[z_q] - E(x)|^2. beta scales the *commitment*
             # term (the encoder's), not the codebook term as in taming's legacy quantizer.
             codebook_loss = F.mse_loss(z_q, z.detach())
             commitment_loss = F.mse_loss(z, z_q.detach())
+
             # Section 3.4: soft assignment softmax(-D / tau) per position, averaged over the batch
             # (D_bar, Reg-VQ's P_post), and its entropy H. The paper writes "+gamma H(D_bar)", but the
             # goal is *spread* usage, so the loss must raise H. We add gamma * KL(D_bar || uniform)
@@ -308,22 +316,12 @@ class VectorQuantizer(nn.Module):
             entropy = -(p_mean * torch.log(p_mean.clamp_min(1e-12))).sum()
             kl_uniform = math.log(self.n_codes) - entropy
             loss = codebook_loss + self.beta * commitment_loss + self.entropy_weight * kl_uniform
+
             # Straight-through: the forward value is z_q, the backward pass copies the gradient to z_e.
             z_st = z + (z_q - z).detach()
-            sample_dist = torch.zeros_like(d[:, 0])
-            sample_changed = torch.zeros((), device=z.device)
-            if self.training and self.mask_ratio > 0:
-                # Reg-VQ stochastic mask: the chosen positions draw k ~ softmax(-D / tau) by Gumbel-max;
-                # the gradient flows through the Gumbel-softmax relaxation (straight-through one-hot).
-                chosen = torch.rand(len(z), device=z.device) < self.mask_ratio  # (N,)
-                gumbel = -torch.log(-torch.log(torch.rand_like(logits).clamp_min(1e-20)))  # rand < 1: finite
-                soft = F.softmax(logits + gumbel, dim=1)  # (N, K)
-                k = (logits + gumbel).argmax(1)
-                one_hot = F.one_hot(k, self.n_codes).float() - soft.detach() + soft
-                z_st = torch.where(chosen[:, None], one_hot @ e, z_st)
-                sample_dist = torch.where(chosen, (e[k] - z_q).pow(2).sum(1).detach(), sample_dist)
-                sample_changed = (chosen & (k != idx)).sum() / chosen.sum().clamp_min(1)  # no host sync
-                idx = torch.where(chosen, k, idx)
+            sample_dist, sample_changed = torch.zeros_like(d[:, 0]), torch.zeros((), device=z.device)
+            if self.training and self.mask_ratio > 0:  # Reg-VQ only (related objectives, below)
+                z_st, idx, sample_dist, sample_changed = stochastic_mask(logits, e, z_q, z_st, idx, self.mask_ratio)
         z_q = z_st.reshape(B, h, w, D).permute(0, 3, 1, 2).to(z_e.dtype)
         terms = dict(loss=loss, codebook_loss=codebook_loss, commitment_loss=commitment_loss, entropy=entropy,
                      kl_uniform=kl_uniform, sample_dist=sample_dist.reshape(B, h, w), sample_changed=sample_changed)
@@ -468,8 +466,8 @@ class Tokenizer(nn.Module):
         """Images -> code indices (B, h, w); deterministic (used for priors and evaluation)."""
         z_e = self.encoder(x).float()
         B, D, h, w = z_e.shape
-        d = self.quantizer.distances(z_e.permute(0, 2, 3, 1).reshape(-1, D))  # never sampled: deterministic
-        return d.argmin(1).reshape(B, h, w)
+        idx, _ = self.quantizer.nearest(z_e.permute(0, 2, 3, 1).reshape(-1, D))  # never sampled: deterministic
+        return idx.reshape(B, h, w)
 
     def decode_indices(self, idx):
         """Code indices (B, h, w) -> images (B, 3, H, W)."""
@@ -744,6 +742,24 @@ def d_backward(disc, x, x_hat, loss_cfg, step, scale=1.0):
 
 # -----------------------------------------------------------------------------
 # related objectives (off for SeQ-GAN): Reg-VQ's contrastive loss, VQ-KD's feature decoder and distillation
+
+
+def stochastic_mask(logits, e, z_q, z_st, idx, mask_ratio):
+    """Reg-VQ's stochastic mask, applied to flat quantizer outputs: a random fraction mask_ratio of the
+    positions takes a code *sampled* from softmax(logits) = softmax(-D / tau) by Gumbel-max instead of
+    the nearest one; the gradient flows through the Gumbel-softmax relaxation (straight-through one-hot).
+    logits (N, K), codebook e (K, D), nearest codes z_q (N, D), straight-through z_st (N, D), indices (N,)
+    -> (z_st, idx) with the sampled positions replaced, sample_dist |e_sampled - e_nearest|^2 (N,) (0 where
+    not sampled) and sample_changed, the fraction of sampled positions whose code is not the nearest one."""
+    chosen = torch.rand(len(logits), device=logits.device) < mask_ratio  # (N,)
+    gumbel = -torch.log(-torch.log(torch.rand_like(logits).clamp_min(1e-20)))  # rand < 1: finite
+    soft = F.softmax(logits + gumbel, dim=1)  # (N, K)
+    k = (logits + gumbel).argmax(1)
+    one_hot = F.one_hot(k, len(e)).float() - soft.detach() + soft
+    z_st = torch.where(chosen[:, None], one_hot @ e, z_st)
+    sample_dist = torch.where(chosen, (e[k] - z_q).pow(2).sum(1).detach(), torch.zeros_like(k, dtype=e.dtype))
+    sample_changed = (chosen & (k != idx)).sum() / chosen.sum().clamp_min(1)  # no host sync
+    return z_st, torch.where(chosen, k, idx), sample_dist, sample_changed
 
 
 def pcl_loss(f_hat, f, sample_dist, temp):
