@@ -20,29 +20,29 @@ from dataclasses import asdict, dataclass
 import torch
 
 import fid
-import seqgan as S
-from seqgan import knob
+import seqgan
+from seqgan import option
 
 STAGES = ("tok1", "tok2", "prior_ar", "prior_nar", "sample_ar", "sample_nar", "fid")
 
 
 @dataclass
 class BenchConfig:
-    device: str = knob("auto", "auto, cpu, cuda or cuda:N")
-    tokenizer_preset: str = knob("classroom", "tokenizer shape: classroom (32 px) or paper (256 px, Table 7)")
-    prior_preset: str = knob("classroom", "prior shape: classroom, base (24x768) or large (24x1024)")
-    batch_size: int = knob(256, "images per tokenizer training step")
-    prior_batch_size: int = knob(64, "token grids per prior training step")
-    sample_batch: int = knob(256, "images per sampling call")
-    maskgit_steps: int = knob(12, "MaskGIT decoding steps")
-    fid_batch: int = knob(500, "images per FID feature batch")
-    warmup: int = knob(5, "untimed iterations first (compilation, cudnn autotuning)")
-    iters: int = knob(20, "timed iterations (sampling stages: a quarter, at least 1)")
-    compile: bool = knob(False, "torch.compile the models")
-    both: bool = knob(False, "run every stage eager and compiled")
-    only: str = knob("", "comma-separated stages to run: " + ",".join(STAGES))
-    peak_flops: float = knob(0.0, "peak FLOP/s for MFU; 0 = by device name (H100/A100 bf16)")
-    json: str = knob("bench.json", "where the table is written as JSON")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    tokenizer_preset: str = option("classroom", "tokenizer shape: classroom (32 px) or paper (256 px, Table 7)")
+    prior_preset: str = option("classroom", "prior shape: classroom, base (24x768) or large (24x1024)")
+    batch_size: int = option(256, "images per tokenizer training step")
+    prior_batch_size: int = option(64, "token grids per prior training step")
+    sample_batch: int = option(256, "images per sampling call")
+    maskgit_steps: int = option(12, "MaskGIT decoding steps")
+    fid_batch: int = option(500, "images per FID feature batch")
+    warmup: int = option(5, "untimed iterations first (compilation, cudnn autotuning)")
+    iters: int = option(20, "timed iterations (sampling stages: a quarter, at least 1)")
+    compile: bool = option(False, "torch.compile the models")
+    both: bool = option(False, "run every stage eager and compiled")
+    only: str = option("", "comma-separated stages to run: " + ",".join(STAGES))
+    peak_flops: float = option(0.0, "peak FLOP/s for MFU; 0 = by device name (H100/A100 bf16)")
+    json: str = option("bench.json", "where the table is written as JSON")
 
 
 def timed(fn, warmup, iters, device):
@@ -61,113 +61,113 @@ def timed(fn, warmup, iters, device):
     return dt, (torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None)
 
 
-def tokenizer_stage(bc, phase, device, compiled):
+def tokenizer_stage(bench_cfg, phase, device, compiled):
     """One full training step of train_tokenizer.py: G (L1 + Eq. 3 + VQ + GAN) then D with lazy R1."""
-    preset = S.PRESETS[bc.tokenizer_preset]
-    mc = S.TokenizerConfig(**{k: v for k, v in preset.items() if k in S.TokenizerConfig.__dataclass_fields__},
+    preset = seqgan.PRESETS[bench_cfg.tokenizer_preset]
+    model_cfg = seqgan.TokenizerConfig(**{k: v for k, v in preset.items() if k in seqgan.TokenizerConfig.__dataclass_fields__},
                            dec_attn=phase == 2)
-    lc = S.LossConfig(**{k: v for k, v in preset.items() if k in S.LossConfig.__dataclass_fields__},
+    loss_cfg = seqgan.LossConfig(**{k: v for k, v in preset.items() if k in seqgan.LossConfig.__dataclass_fields__},
                       alpha=1.0 if phase == 1 else 0.0, gan_start=0)
-    model = S.Tokenizer(mc).to(device)
-    disc = S.Discriminator(mc.image_size, lc.disc_channels, lc.disc_max_channels).to(device)
+    model = seqgan.Tokenizer(model_cfg).to(device)
+    disc = seqgan.Discriminator(model_cfg.image_size, loss_cfg.disc_channels, loss_cfg.disc_max_channels).to(device)
     if phase == 2:
         model.encoder.requires_grad_(False)
         model.quantizer.requires_grad_(False)
-    perceptual = S.PerceptualLoss(lc.alpha, VGG, lc.perceptual_norm, lc.perceptual_size).to(device)
+    perceptual = seqgan.PerceptualLoss(loss_cfg.alpha, VGG, loss_cfg.perceptual_norm, loss_cfg.perceptual_size).to(device)
     fused = dict(fused=True) if device.type == "cuda" else {}
     opt_g = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4, **fused)
     opt_d = torch.optim.Adam(disc.parameters(), lr=1e-4, betas=(0.0, 0.99), **fused)
     g, d = (torch.compile(model), torch.compile(disc)) if compiled else (model, disc)
-    x = torch.rand(bc.batch_size, 3, mc.image_size, mc.image_size, device=device) * 2 - 1
-    ctx, step = S.autocast(device), [0]
+    x = torch.rand(bench_cfg.batch_size, 3, model_cfg.image_size, model_cfg.image_size, device=device) * 2 - 1
+    ctx, step = seqgan.autocast(device), [0]
 
     def run():
         opt_g.zero_grad(set_to_none=True)
         with ctx:
             x_hat, _, q = g(x)
-            loss, _ = S.tokenizer_loss(x, x_hat, q, lc, phase, lc.gan_weight, d, perceptual)
+            loss, _ = seqgan.tokenizer_loss(x, x_hat, q, loss_cfg, phase, loss_cfg.gan_weight, d, perceptual)
         loss.backward()
         opt_g.step()
         opt_d.zero_grad(set_to_none=True)
-        S.d_backward(d, x, x_hat, lc, step[0])
+        seqgan.d_backward(d, x, x_hat, loss_cfg, step[0])
         opt_d.step()
         step[0] += 1
 
-    dt, mem = timed(run, bc.warmup, bc.iters, device)
-    return dict(unit="images/s", rate=bc.batch_size / dt, ms=1e3 * dt, mem_gib=mem,
-                shape=f"{bc.tokenizer_preset} {mc.image_size}px b{bc.batch_size}")
+    dt, mem = timed(run, bench_cfg.warmup, bench_cfg.iters, device)
+    return dict(unit="images/s", rate=bench_cfg.batch_size / dt, ms=1e3 * dt, mem_gib=mem,
+                shape=f"{bench_cfg.tokenizer_preset} {model_cfg.image_size}px b{bench_cfg.batch_size}")
 
 
-def prior_config(bc, causal):
-    mc = S.TokenizerConfig(**{k: v for k, v in S.PRESETS[bc.tokenizer_preset].items()
-                              if k in S.TokenizerConfig.__dataclass_fields__})
-    return mc, S.prior_preset(bc.prior_preset, mc.n_codes, mc.grid ** 2, 10, causal)
+def prior_config(bench_cfg, causal):
+    model_cfg = seqgan.TokenizerConfig(**{k: v for k, v in seqgan.PRESETS[bench_cfg.tokenizer_preset].items()
+                              if k in seqgan.TokenizerConfig.__dataclass_fields__})
+    return model_cfg, seqgan.prior_preset(bench_cfg.prior_preset, model_cfg.n_codes, model_cfg.grid ** 2, 10, causal)
 
 
-def prior_stage(bc, causal, device, compiled):
+def prior_stage(bench_cfg, causal, device, compiled):
     """One AdamW step of the prior: tokens/s and MFU (FLOPs per token as nanoGPT estimates them)."""
-    _, pc = prior_config(bc, causal)
-    model = S.Prior(pc).to(device)
+    _, pc = prior_config(bench_cfg, causal)
+    model = seqgan.Prior(pc).to(device)
     fused = dict(fused=True) if device.type == "cuda" else {}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.96), weight_decay=1e-2, **fused)
     m = torch.compile(model) if compiled else model
-    idx = torch.randint(0, pc.n_codes, (bc.prior_batch_size, pc.grid), device=device)
-    y = torch.randint(0, pc.n_classes, (bc.prior_batch_size,), device=device)
-    loss_fn, ctx = (S.ar_loss if causal else S.maskgit_loss), S.autocast(device)
+    idx = torch.randint(0, pc.n_codes, (bench_cfg.prior_batch_size, pc.grid), device=device)
+    y = torch.randint(0, pc.n_classes, (bench_cfg.prior_batch_size,), device=device)
+    ctx = seqgan.autocast(device)
 
     def run():
         with ctx:
-            loss, _ = loss_fn(m, idx, y)
+            loss, _ = seqgan.prior_loss(m, pc, idx, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    dt, mem = timed(run, bc.warmup, bc.iters, device)
-    tps = bc.prior_batch_size * pc.grid / dt
-    peak = S.peak_flops(device, bc.peak_flops)
-    mfu = S.estimate_flops_per_token(pc) * tps / peak if peak else None
+    dt, mem = timed(run, bench_cfg.warmup, bench_cfg.iters, device)
+    tps = bench_cfg.prior_batch_size * pc.grid / dt
+    peak = seqgan.peak_flops(device, bench_cfg.peak_flops)
+    mfu = seqgan.estimate_flops_per_token(pc) * tps / peak if peak else None
     return dict(unit="tokens/s", rate=tps, ms=1e3 * dt, mem_gib=mem, mfu=mfu,
-                shape=f"{bc.prior_preset} {pc.n_layer}x{pc.n_embd} T={pc.grid} b{bc.prior_batch_size}")
+                shape=f"{bench_cfg.prior_preset} {pc.n_layer}x{pc.n_embd} T={pc.grid} b{bench_cfg.prior_batch_size}")
 
 
-def sample_stage(bc, causal, device, compiled):
+def sample_stage(bench_cfg, causal, device, compiled):
     """Sample a batch of token grids and decode them to pixels with the tokenizer."""
-    mc, pc = prior_config(bc, causal)
-    model, tok = S.Prior(pc).to(device).eval(), S.Tokenizer(mc).to(device).eval()
+    model_cfg, pc = prior_config(bench_cfg, causal)
+    model, tok = seqgan.Prior(pc).to(device).eval(), seqgan.Tokenizer(model_cfg).to(device).eval()
     decode = torch.compile(tok.decode_indices) if compiled else tok.decode_indices
     if compiled:  # the per-token body is what repeats; compile it (dynamic: the cache position moves)
         model.body = torch.compile(model.body, dynamic=True)
-    y = torch.arange(bc.sample_batch, device=device) % pc.n_classes
-    ctx = S.autocast(device)
-    side = mc.grid
+    y = torch.arange(bench_cfg.sample_batch, device=device) % pc.n_classes
+    ctx = seqgan.autocast(device)
+    side = model_cfg.grid
 
     @torch.no_grad()
     def run():
         with ctx:
             if causal:
-                idx = S.generate_ar(model, bc.sample_batch, y, top_p=0.98)
+                idx = seqgan.generate_ar(model, bench_cfg.sample_batch, y, top_p=0.98)
             else:
-                idx = S.generate_maskgit(model, bc.sample_batch, y, steps=bc.maskgit_steps, temperature=0.65)
+                idx = seqgan.generate_maskgit(model, bench_cfg.sample_batch, y, steps=bench_cfg.maskgit_steps, temperature=0.65)
             decode(idx.view(-1, side, side))
 
-    dt, mem = timed(run, min(bc.warmup, 2), max(1, bc.iters // 4), device)
-    what = "KV cache" if causal else f"{bc.maskgit_steps} steps"
-    return dict(unit="images/s", rate=bc.sample_batch / dt, ms=1e3 * dt, mem_gib=mem,
-                shape=f"{bc.prior_preset} {pc.n_layer}x{pc.n_embd} T={pc.grid} b{bc.sample_batch}, {what}, with decode")
+    dt, mem = timed(run, min(bench_cfg.warmup, 2), max(1, bench_cfg.iters // 4), device)
+    what = "KV cache" if causal else f"{bench_cfg.maskgit_steps} steps"
+    return dict(unit="images/s", rate=bench_cfg.sample_batch / dt, ms=1e3 * dt, mem_gib=mem,
+                shape=f"{bench_cfg.prior_preset} {pc.n_layer}x{pc.n_embd} T={pc.grid} b{bench_cfg.sample_batch}, {what}, with decode")
 
 
-def fid_stage(bc, device, compiled):
+def fid_stage(bench_cfg, device, compiled):
     """FID Inception features of 32 px images (resized to 299 on the device), fp32 with TF32 off."""
     net = fid.load_inception("random", device)
     f = torch.compile(net) if compiled else net
-    x = torch.rand(bc.fid_batch, 3, 32, 32, device=device)
+    x = torch.rand(bench_cfg.fid_batch, 3, 32, 32, device=device)
 
     @torch.no_grad()
     def run():
         f(x)
 
-    dt, mem = timed(run, min(bc.warmup, 2), max(1, bc.iters // 4), device)
-    return dict(unit="images/s", rate=bc.fid_batch / dt, ms=1e3 * dt, mem_gib=mem, shape=f"fp32 b{bc.fid_batch}")
+    dt, mem = timed(run, min(bench_cfg.warmup, 2), max(1, bench_cfg.iters // 4), device)
+    return dict(unit="images/s", rate=bench_cfg.fid_batch / dt, ms=1e3 * dt, mem_gib=mem, shape=f"fp32 b{bench_cfg.fid_batch}")
 
 
 VGG = None  # built once: every tokenizer stage shares one VGG16
@@ -176,31 +176,31 @@ VGG = None  # built once: every tokenizer stage shares one VGG16
 def main(argv=None):
     global VGG
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    S.add_config_args(p, BenchConfig)
-    bc = S.config_from_args(BenchConfig, p.parse_args(argv))
-    device = S.pick_device(bc.device)
-    stages = [s for s in bc.only.split(",") if s] or list(STAGES)
+    seqgan.add_config_args(p, BenchConfig)
+    bench_cfg = seqgan.config_from_args(BenchConfig, p.parse_args(argv))
+    device = seqgan.pick_device(bench_cfg.device)
+    stages = [s for s in bench_cfg.only.split(",") if s] or list(STAGES)
     unknown = set(stages) - set(STAGES)
     if unknown:
-        raise S.SeqganError(f"unknown stage(s) {', '.join(sorted(unknown))}; choose from {', '.join(STAGES)}")
+        raise seqgan.SeqganError(f"unknown stage(s) {', '.join(sorted(unknown))}; choose from {', '.join(STAGES)}")
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # training stages
-    VGG = S.load_vgg16("random") if {"tok1", "tok2"} & set(stages) else None
+    VGG = seqgan.load_vgg16("random") if {"tok1", "tok2"} & set(stages) else None
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device: {name} | torch {torch.__version__} | {time.strftime('%Y-%m-%d')}")
     rows = []
-    for compiled in ([False, True] if bc.both else [bc.compile]):
+    for compiled in ([False, True] if bench_cfg.both else [bench_cfg.compile]):
         for stage in stages:
             if stage in ("tok1", "tok2"):
-                r = tokenizer_stage(bc, int(stage[-1]), device, compiled)
+                r = tokenizer_stage(bench_cfg, int(stage[-1]), device, compiled)
             elif stage in ("prior_ar", "prior_nar"):
-                r = prior_stage(bc, stage == "prior_ar", device, compiled)
+                r = prior_stage(bench_cfg, stage == "prior_ar", device, compiled)
             elif stage in ("sample_ar", "sample_nar"):
-                r = sample_stage(bc, stage == "sample_ar", device, compiled)
+                r = sample_stage(bench_cfg, stage == "sample_ar", device, compiled)
             else:
                 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-                r = fid_stage(bc, device, compiled)
+                r = fid_stage(bench_cfg, device, compiled)
                 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
             r = dict(stage=stage, compiled=compiled, **r)
             rows.append(r)
@@ -210,11 +210,11 @@ def main(argv=None):
                   f"{r['ms']:>9.1f} ms  mem {mem:>5} GiB  MFU {mfu:>6}  {r['shape']}", flush=True)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    with open(bc.json, "w") as f:
+    with open(bench_cfg.json, "w") as f:
         json.dump(dict(device=name, torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
-                       config=asdict(bc), rows=rows), f, indent=1)
-    print(f"wrote {bc.json}")
+                       config=asdict(bench_cfg), rows=rows), f, indent=1)
+    print(f"wrote {bench_cfg.json}")
 
 
 if __name__ == "__main__":
-    S.cli(main)
+    seqgan.cli(main)

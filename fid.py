@@ -35,7 +35,7 @@ from PIL import Image
 from torchvision.models.inception import Inception3, InceptionA, InceptionC, InceptionE
 from tqdm import tqdm
 
-import seqgan as S
+import seqgan
 from seqgan import SeqganError
 
 WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -144,7 +144,7 @@ def load_inception(weights=None, device="cpu"):
     """The FID Inception, frozen, in eval mode. weights: None (pytorch-fid's file, downloaded once into the
     torch hub cache), a path to that file, or "random" (seeded random init, for tests only)."""
     if weights == "random":
-        if S.is_master():
+        if seqgan.is_master():
             print("WARNING: the Inception network has RANDOM weights (--inception-weights random): "
                   "FID and IS numbers are MEANINGLESS", file=sys.stderr)
         with torch.random.fork_rng(devices=[]):
@@ -233,7 +233,7 @@ def to_unit(x, device):
 
 def report_speed(what, n, t0):
     dt = time.time() - t0  # decoding included: the number a user waits for
-    if S.is_master():
+    if seqgan.is_master():
         print(f"{what}: {n} images in {dt:.1f}s ({n / dt:.1f} images/s)")
 
 
@@ -246,7 +246,7 @@ def my_shard(items):
     if len(items) < world:
         raise SeqganError(f"{len(items)} images for {world} processes: run fid.py with at most "
                           f"{len(items)} processes (or without torchrun)")
-    return [items[i] for i in S.shard(len(items), dist.get_rank(), world)]
+    return [items[i] for i in seqgan.shard(len(items), dist.get_rank(), world)]
 
 
 @torch.no_grad()
@@ -260,7 +260,7 @@ def compute_features(model, images, device, batch_size=50, num_workers=NUM_WORKE
         images = loader(ImageFiles(my_shard(images)), batch_size, num_workers, device, collate)
     feats, logits, t0 = [], [], time.time()
     with fp32(device):
-        for x in tqdm(images, unit="batch", desc="inception", leave=False, disable=not S.is_master()):
+        for x in tqdm(images, unit="batch", desc="inception", leave=False, disable=not seqgan.is_master()):
             x = x[0] if isinstance(x, (list, tuple)) else x  # (images, labels) batches
             f, l = model(to_unit(x, device))
             feats.append(f)  # kept on the device: no host sync per batch
@@ -269,7 +269,7 @@ def compute_features(model, images, device, batch_size=50, num_workers=NUM_WORKE
         raise SeqganError("no images to compute Inception features of")
     feats, logits = torch.cat(feats), torch.cat(logits)
     if paths:  # the ranks' rows, gathered in rank order: the N images in the order of the list
-        feats, logits = S.gather_rows(feats), S.gather_rows(logits)
+        feats, logits = seqgan.gather_rows(feats), seqgan.gather_rows(logits)
     feats, logits = feats.double().cpu().numpy(), logits.double().cpu().numpy()
     report_speed("inception", len(feats), t0)
     return feats, logits
@@ -363,7 +363,7 @@ def stats_for(path, model, device, batch_size=50, num_workers=NUM_WORKERS):
     """Statistics of an image folder, or loaded from a .npz file."""
     if path.endswith(".npz"):
         return load_stats(path)
-    feats, _ = compute_features(model, S.list_images(path), device, batch_size, num_workers)
+    feats, _ = compute_features(model, seqgan.list_images(path), device, batch_size, num_workers)
     return compute_stats(feats, model.fingerprint)
 
 
@@ -381,30 +381,30 @@ def recon_metrics(tok, folder, model, device, batch_size=50, num_workers=NUM_WOR
     device, K = torch.device(device), tok.cfg.n_codes
     # seqgan's ImageFolder prepares images as in training: shorter side to image_size, centre crop;
     # under torchrun each rank takes a contiguous shard, and the sums and features are gathered below
-    images = S.ImageFolder(folder, tok.cfg.image_size)
+    images = seqgan.ImageFolder(folder, tok.cfg.image_size)
     images = torch.utils.data.Subset(images, my_shard(list(range(len(images)))))
     data = loader(images, batch_size, num_workers, device)
     real, fake, psnr_sum, n, t0 = [], [], 0.0, 0, time.time()
     counts = torch.zeros(K, dtype=torch.long, device=device)
     with fp32(device):
-        for x, _ in tqdm(data, unit="batch", desc="reconstruct", leave=False, disable=not S.is_master()):
+        for x, _ in tqdm(data, unit="batch", desc="reconstruct", leave=False, disable=not seqgan.is_master()):
             x = 2 * to_unit(x, device) - 1  # (B, 3, S, S) in [-1, 1]
             x_hat, idx, _ = tok(x)
             x_hat = x_hat.float().clamp(-1, 1)
             real.append(model((x + 1) / 2)[0])
             fake.append(model((x_hat + 1) / 2)[0])
-            psnr_sum = psnr_sum + S.psnr(x_hat, x) * len(x)  # a tensor: no host sync per batch
-            S.count_codes(counts, idx)
+            psnr_sum = psnr_sum + seqgan.psnr(x_hat, x) * len(x)  # a tensor: no host sync per batch
+            seqgan.count_codes(counts, idx)
             n += len(x)
-    n = int(S.all_reduce_sum(torch.tensor(n, device=device)))
-    psnr_sum = S.all_reduce_sum(torch.as_tensor(psnr_sum, device=device, dtype=torch.float32))
-    S.all_reduce_sum(counts)
-    real, fake = (S.gather_rows(torch.cat(f)) for f in (real, fake))
+    n = int(seqgan.all_reduce_sum(torch.tensor(n, device=device)))
+    psnr_sum = seqgan.all_reduce_sum(torch.as_tensor(psnr_sum, device=device, dtype=torch.float32))
+    seqgan.all_reduce_sum(counts)
+    real, fake = (seqgan.gather_rows(torch.cat(f)) for f in (real, fake))
     report_speed("reconstruct + inception", n, t0)
-    if not S.is_master():
+    if not seqgan.is_master():
         return None  # under torchrun rank 0 alone fits the statistics and reports
     real, fake = (compute_stats(f.double().cpu().numpy(), model.fingerprint) for f in (real, fake))
-    usage, perplexity = S.codebook_usage(counts)
+    usage, perplexity = seqgan.codebook_usage(counts)
     used = int((counts > 0).sum())
     if used < 0.1 * K:
         print(f"warning: only {used}/{K} codes used; raise the entropy weight", file=sys.stderr)
@@ -442,15 +442,15 @@ def main(argv=None):
                           "fid.py --recon CKPT --images FOLDER (see --help)")
     # Under torchrun each rank computes the features of its shard of the images; they are gathered in
     # order, and rank 0 alone prints and writes, so the numbers are those of a one-process run.
-    _, _, _, _, device = S.setup_distributed(args.device, args.backend)
-    master = S.is_master()
+    _, _, _, _, device = seqgan.setup_distributed(args.device, args.backend)
+    master = seqgan.is_master()
     kw = dict(batch_size=args.batch_size, num_workers=args.num_workers)
 
     if args.recon:
-        tok = S.load_tokenizer(args.recon, device)
-        S.list_images(args.images)  # a bad folder fails before the Inception weights load
+        tok = seqgan.load_tokenizer(args.recon, device)
+        seqgan.list_images(args.images)  # a bad folder fails before the Inception weights load
         r = recon_metrics(tok, args.images, load_inception(args.inception_weights, device), device, **kw)
-        S.teardown()
+        seqgan.teardown()
         if not master:
             return {}
         print(f"rFID {r['rfid']:.4f}  PSNR {r['psnr']:.2f} dB  codebook usage {r['codes_used']}/{r['n_codes']} "
@@ -461,12 +461,12 @@ def main(argv=None):
             if path.endswith(".npz"):
                 load_stats(path)
             else:
-                S.list_images(path)
+                seqgan.list_images(path)
         # two statistics files are two Gaussians: no network (nor its weights) is needed to compare them
         folders = [p for p in args.paths if not p.endswith(".npz")]
         model = load_inception(args.inception_weights, device) if folders else None
         s1, s2 = (stats_for(p, model, device, **kw) for p in args.paths)  # every rank: the features are gathered
-        S.teardown()
+        seqgan.teardown()
         if not master:
             return {}
         score, n1, n2 = fid_from_stats(s1, s2), s1["n"], s2["n"]
@@ -475,10 +475,10 @@ def main(argv=None):
     folder, result = args.paths[0], {}
     if folder.endswith(".npz"):
         raise SeqganError(f"--save-stats and --is need an image folder, not the statistics file {folder}")
-    paths = S.list_images(folder)
+    paths = seqgan.list_images(folder)
     model = load_inception(args.inception_weights, device)
     feats, logits = compute_features(model, paths, device, **kw)
-    S.teardown()
+    seqgan.teardown()
     if not master:
         return result
     if args.save_stats:
@@ -494,4 +494,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    S.cli(main)
+    seqgan.cli(main)

@@ -22,31 +22,31 @@ import torchvision
 from PIL import Image
 from tqdm import tqdm
 
-import seqgan as S
-from seqgan import knob
+import seqgan
+from seqgan import option
 
 
 @dataclass
 class SampleConfig:
-    prior: str = knob("", "the prior's ckpt.pt (train_prior.py)")
-    tokenizer: str = knob("", "tokenizer ckpt.pt; default: the one the prior was trained with. Its decoder is "
+    prior: str = option("", "the prior's ckpt.pt (train_prior.py)")
+    tokenizer: str = option("", "tokenizer ckpt.pt; default: the one the prior was trained with. Its decoder is "
                               "whatever it holds (phase 2: the attention decoder)")
-    out: str = knob("", "output folder; default: samples/ (or visualize/) beside the prior's ckpt.pt")
-    n: int = knob(64, "images to generate (--visualize: input images to show, at most)")
-    batch_size: int = knob(64, "images per batch (per GPU); image i draws from its own generator seeded by (seed, i)")
-    temperature: float = knob(0.0, "temperature of the token logits; 0 = paper: 1.0 AR, 0.65 NAR (0.45 on ImageNet: "
+    out: str = option("", "output folder; default: samples/ (or visualize/) beside the prior's ckpt.pt")
+    n: int = option(64, "images to generate (--visualize: input images to show, at most)")
+    batch_size: int = option(64, "images per batch (per GPU); image i draws from its own generator seeded by (seed, i)")
+    temperature: float = option(0.0, "temperature of the token logits; 0 = paper: 1.0 AR, 0.65 NAR (0.45 on ImageNet: "
                                    "Table 10's NAR sampling temperature, read as the logits'; see README)")
-    top_k: int = knob(0, "AR only: keep the k most likely tokens (0 = all)")
-    top_p: float = knob(0.0, "AR only: nucleus mass; 0 = paper: 0.98 (0.92 on ImageNet)")
-    steps: int = knob(12, "NAR only: MaskGIT decoding steps")
-    choice_temperature: float = knob(4.5, "NAR only: MaskGIT's choice temperature, the scale of the Gumbel noise "
+    top_k: int = option(0, "AR only: keep the k most likely tokens (0 = all)")
+    top_p: float = option(0.0, "AR only: nucleus mass; 0 = paper: 0.98 (0.92 on ImageNet)")
+    steps: int = option(12, "NAR only: MaskGIT decoding steps")
+    choice_temperature: float = option(4.5, "NAR only: MaskGIT's choice temperature, the scale of the Gumbel noise "
                                           "on confidences, annealed to 0 (MaskGIT's 4.5)")
-    seed: int = knob(0, "random seed")
-    device: str = knob("auto", "auto (CUDA if present), cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)")
-    backend: str = knob("auto", "torch.distributed backend under torchrun: auto (nccl on GPUs, gloo on CPU), "
+    seed: int = option(0, "random seed")
+    device: str = option("auto", "auto (CUDA if present), cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)")
+    backend: str = option("auto", "torch.distributed backend under torchrun: auto (nccl on GPUs, gloo on CPU), "
                                 "nccl or gloo")
-    visualize: bool = knob(False, "Fig. 4 triptychs of --images instead of samples (AR prior only)")
-    images: str = knob("", "--visualize: folder of images; class subfolders give the labels")
+    visualize: bool = option(False, "Fig. 4 triptychs of --images instead of samples (AR prior only)")
+    images: str = option("", "--visualize: folder of images; class subfolders give the labels")
 
 
 AR_ONLY, NAR_ONLY = ("top_k", "top_p"), ("steps", "choice_temperature")
@@ -54,7 +54,7 @@ AR_ONLY, NAR_ONLY = ("top_k", "top_p"), ("steps", "choice_temperature")
 
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    S.add_config_args(p, SampleConfig)
+    seqgan.add_config_args(p, SampleConfig)
     # `class` is a Python keyword, so this one flag is not a SampleConfig field
     p.add_argument("--class", dest="label", type=int, default=None,
                    help="class of every image (conditional priors); default: classes cycle 0, 1, ..")
@@ -70,17 +70,17 @@ def check_settings(cfg, given, pcfg, label):
     kind, other = ("AR", NAR_ONLY) if pcfg.causal else ("NAR (MaskGIT)", AR_ONLY)
     for name in other:
         if name in given and not cfg.visualize:
-            raise S.SeqganError(f"--{name.replace('_', '-')} does not apply to {cfg.prior}, an {kind} prior")
+            raise seqgan.SeqganError(f"--{name.replace('_', '-')} does not apply to {cfg.prior}, an {kind} prior")
     if label is not None and pcfg.n_classes == 0:
-        raise S.SeqganError(f"--class {label} given, but {cfg.prior} is an unconditional prior; drop --class")
+        raise seqgan.SeqganError(f"--class {label} given, but {cfg.prior} is an unconditional prior; drop --class")
     if label is not None and not 0 <= label < pcfg.n_classes:
-        raise S.SeqganError(f"--class {label} is out of range: {cfg.prior} knows classes 0..{pcfg.n_classes - 1}")
+        raise seqgan.SeqganError(f"--class {label} is out of range: {cfg.prior} knows classes 0..{pcfg.n_classes - 1}")
     if cfg.n < 1 or cfg.batch_size < 1:
-        raise S.SeqganError("--n and --batch-size must be at least 1")
+        raise seqgan.SeqganError("--n and --batch-size must be at least 1")
     if cfg.temperature < 0 or cfg.choice_temperature < 0 or not 0 <= cfg.top_p <= 1 or cfg.top_k < 0:
-        raise S.SeqganError("--temperature, --choice-temperature and --top-k must be >= 0, --top-p in (0, 1]")
+        raise seqgan.SeqganError("--temperature, --choice-temperature and --top-k must be >= 0, --top-p in (0, 1]")
     if not pcfg.causal and not 1 <= cfg.steps <= pcfg.grid:
-        raise S.SeqganError(f"--steps {cfg.steps}: MaskGIT reveals at least one token per step, so it needs "
+        raise seqgan.SeqganError(f"--steps {cfg.steps}: MaskGIT reveals at least one token per step, so it needs "
                             f"1 to {pcfg.grid} steps (the number of tokens)")
     if pcfg.causal:
         return dict(temperature=cfg.temperature or 1.0, top_k=cfg.top_k, top_p=cfg.top_p or 0.98,
@@ -109,24 +109,24 @@ def sample(model, tok, cfg, settings, labels, nrow, out, device, rank=0, world=1
     Image i draws from its own generator, seeded by (seed, i), so it does not depend on which batch or
     GPU makes it. Under torchrun each rank makes a contiguous run of whole batches: every batch holds
     the same images as in a one-process run with the same --batch-size, so the PNGs are the same."""
-    ctx, pcfg, side = S.autocast(device), model.cfg, tok.cfg.grid
+    ctx, pcfg, side = seqgan.autocast(device), model.cfg, tok.cfg.grid
     starts = range(0, cfg.n, cfg.batch_size)
-    mine = [starts[k] for k in S.shard(len(starts), rank, world)]
+    mine = [starts[k] for k in seqgan.shard(len(starts), rank, world)]
     for start in tqdm(mine, desc="sampling", dynamic_ncols=True, disable=rank != 0):
         b = min(cfg.batch_size, cfg.n - start)
         y = labels[start:start + b].to(device) if pcfg.n_classes else None
         gens = [torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + i) for i in range(start, start + b)]
         with ctx:
             if pcfg.causal:
-                idx = S.generate_ar(model, b, y, settings["temperature"], settings["top_k"], settings["top_p"],
+                idx = seqgan.generate_ar(model, b, y, settings["temperature"], settings["top_k"], settings["top_p"],
                                     generator=gens)
             else:
-                idx = S.generate_maskgit(model, b, y, settings["steps"], settings["temperature"],
+                idx = seqgan.generate_maskgit(model, b, y, settings["steps"], settings["temperature"],
                                          settings["choice_temperature"], generator=gens)
             x = tok.decode_indices(idx.view(b, side, side)).float()
         for i, img in enumerate(to_uint8(x)):
             Image.fromarray(img).save(os.path.join(out, f"{start + i:06d}.png"))
-    S.barrier()  # every rank's PNGs are on disk before rank 0 reads the first ones back for the grid
+    seqgan.barrier()  # every rank's PNGs are on disk before rank 0 reads the first ones back for the grid
     if rank == 0:
         n_grid = min(cfg.n, nrow * max(1, 64 // nrow))
         grid = torch.stack([torch.from_numpy(np.array(Image.open(os.path.join(out, f"{i:06d}.png"))))
@@ -137,15 +137,15 @@ def sample(model, tok, cfg, settings, labels, nrow, out, device, rank=0, world=1
 @torch.no_grad()
 def visualize(model, tok, cfg, folder, pick, labels, out, device):
     """Fig. 4: true indices s -> one teacher-forced pass -> s' = argmax; decode s and s' side by side."""
-    ctx, side, size = S.autocast(device), tok.cfg.grid, tok.cfg.image_size
+    ctx, side, size = seqgan.autocast(device), tok.cfg.grid, tok.cfg.image_size
     rows, correct = [], 0
     for start in range(0, len(pick), cfg.batch_size):
         batch = pick[start:start + cfg.batch_size]
-        x = S.to_input(torch.stack([folder[i][0] for i in batch]), device, size)
+        x = seqgan.to_input(torch.stack([folder[i][0] for i in batch]), device, size)
         s = tok.tokenize(x).flatten(1)  # (B, h*w) ground-truth indices, fp32 as in train_prior.py
         y = labels[start:start + len(batch)].to(device) if labels is not None else None
         with ctx:
-            s_pred = S.teacher_forced_prediction(model, s, y)  # (B, h*w): s'_j from the true s_<j
+            s_pred = seqgan.teacher_forced_prediction(model, s, y)  # (B, h*w): s'_j from the true s_<j
             recon = tok.decode_indices(s.view(-1, side, side)).float()
             pred = tok.decode_indices(s_pred.view(-1, side, side)).float()
         correct += (s_pred == s).sum().item()
@@ -161,7 +161,7 @@ def visualize(model, tok, cfg, folder, pick, labels, out, device):
 def visualize_inputs(cfg, pcfg, label, size):
     """(folder, indices of the images to show, labels or None) for --visualize. Labels: --class if given,
     else the folder's class subfolders (sorted names = class ids, as in training), else an error."""
-    folder = S.ImageFolder(cfg.images, size)  # an error if missing or empty
+    folder = seqgan.ImageFolder(cfg.images, size)  # an error if missing or empty
     n = min(cfg.n, len(folder))
     pick = [i * len(folder) // n for i in range(n)]  # spread over the sorted files, so over class folders
     if not pcfg.n_classes:
@@ -169,10 +169,10 @@ def visualize_inputs(cfg, pcfg, label, size):
     if label is not None:
         return folder, pick, torch.full((n,), label)
     if not folder.classes:
-        raise S.SeqganError(f"the prior is class-conditional: pass --class C, or put the images of {cfg.images} "
+        raise seqgan.SeqganError(f"the prior is class-conditional: pass --class C, or put the images of {cfg.images} "
                             "into class subfolders (sorted names = class ids)")
     if len(folder.classes) > pcfg.n_classes:
-        raise S.SeqganError(f"{cfg.images} has {len(folder.classes)} class folders, but the prior knows "
+        raise seqgan.SeqganError(f"{cfg.images} has {len(folder.classes)} class folders, but the prior knows "
                             f"{pcfg.n_classes} classes; pass --class")
     print(f"labels from class folders: {dict(enumerate(folder.classes))}")
     return folder, pick, torch.tensor([folder.labels[i] for i in pick])
@@ -180,28 +180,28 @@ def visualize_inputs(cfg, pcfg, label, size):
 
 def main(argv=None):
     args = parse(argv)
-    cfg, given, label = S.config_from_args(SampleConfig, args), vars(args), args.label
+    cfg, given, label = seqgan.config_from_args(SampleConfig, args), vars(args), args.label
     if not cfg.prior:
-        raise S.SeqganError("sample.py needs --prior CKPT (the ckpt.pt of a train_prior.py run)")
-    ckpt = S.load_checkpoint(cfg.prior, "prior")
-    model = S.load_prior(ckpt)
+        raise seqgan.SeqganError("sample.py needs --prior CKPT (the ckpt.pt of a train_prior.py run)")
+    ckpt = seqgan.load_checkpoint(cfg.prior, "prior")
+    model = seqgan.load_prior(ckpt)
     pcfg = model.cfg
     tok_path = cfg.tokenizer or ckpt["tokenizer"]
     if not cfg.tokenizer and not os.path.isfile(tok_path):
-        raise S.SeqganError(f"the prior's tokenizer {tok_path} is gone; pass --tokenizer CKPT")
-    tok_ckpt = S.load_checkpoint(tok_path, "tokenizer")
-    tok = S.load_tokenizer(tok_path, ckpt=tok_ckpt)  # frozen, eval mode, and refuses one without a pixel decoder
+        raise seqgan.SeqganError(f"the prior's tokenizer {tok_path} is gone; pass --tokenizer CKPT")
+    tok_ckpt = seqgan.load_checkpoint(tok_path, "tokenizer")
+    tok = seqgan.load_tokenizer(tok_path, ckpt=tok_ckpt)  # frozen, eval mode, and refuses one without a pixel decoder
     tcfg = tok.cfg
     if (tcfg.n_codes, tcfg.grid ** 2) != (pcfg.n_codes, pcfg.grid):
-        raise S.SeqganError(f"tokenizer {tok_path} has {tcfg.n_codes} codes and {tcfg.grid}x{tcfg.grid} = {tcfg.grid ** 2} "
+        raise seqgan.SeqganError(f"tokenizer {tok_path} has {tcfg.n_codes} codes and {tcfg.grid}x{tcfg.grid} = {tcfg.grid ** 2} "
                             f"tokens per image, but prior {cfg.prior} was trained on {pcfg.n_codes} codes and "
                             f"{pcfg.grid} tokens; pass the tokenizer it was trained with")
     settings = check_settings(cfg, given, pcfg, label)
     if cfg.visualize:
         if not pcfg.causal:
-            raise S.SeqganError(f"--visualize needs an AR prior (teacher forcing); {cfg.prior} is an NAR (MaskGIT) prior")
+            raise seqgan.SeqganError(f"--visualize needs an AR prior (teacher forcing); {cfg.prior} is an NAR (MaskGIT) prior")
         if not cfg.images:
-            raise S.SeqganError("--visualize needs --images FOLDER")
+            raise seqgan.SeqganError("--visualize needs --images FOLDER")
         folder, pick, labels = visualize_inputs(cfg, pcfg, label, tcfg.image_size)
     else:
         cycle = torch.arange(cfg.n) % max(1, pcfg.n_classes)  # without --class, classes cycle over the samples
@@ -209,11 +209,11 @@ def main(argv=None):
     out = cfg.out or os.path.join(os.path.dirname(cfg.prior), "visualize" if cfg.visualize else "samples")
     if os.path.isdir(out) and any(f.endswith(".png") for f in os.listdir(out)):
         # fid.py reads every image in the folder: stale samples would silently join the new ones
-        raise S.SeqganError(f"{out} already holds PNG files; empty it or choose another --out")
+        raise seqgan.SeqganError(f"{out} already holds PNG files; empty it or choose another --out")
 
     # Every check above runs on every rank before any rank joins the process group (a rendezvous of all
     # ranks), so no rank writes into `out` before all have checked it.
-    ddp, rank, _, world, device = S.setup_distributed(cfg.device, cfg.backend)
+    ddp, rank, _, world, device = seqgan.setup_distributed(cfg.device, cfg.backend)
     master = rank == 0
     model, tok = model.to(device), tok.to(device)
     phase = tok_ckpt["phase"]
@@ -227,13 +227,13 @@ def main(argv=None):
             acc = visualize(model, tok, cfg, folder, pick, labels, out, device)
             print(f"top-1 token accuracy of s' vs s: {acc:.4f} over {len(pick)} images x {pcfg.grid} tokens")
             print(f"wrote {len(pick)} triptychs and visualize.png to {out}")
-        S.teardown()
+        seqgan.teardown()
         return
     # cycling classes: a whole number of class cycles per row, so every column holds one class
     nrow = pcfg.n_classes * max(1, 8 // pcfg.n_classes) if label is None and 0 < pcfg.n_classes <= 16 else 8
     sample(model, tok, cfg, settings, labels, nrow, out, device, rank, world)
     if not master:
-        S.teardown()
+        seqgan.teardown()
         return
     # written last, so its presence marks a complete sample set; FID depends strongly on these settings
     classes = "unconditional" if not pcfg.n_classes else "cycle" if label is None else "fixed"
@@ -246,8 +246,8 @@ def main(argv=None):
     with open(os.path.join(out, "sampling.json"), "w") as f:
         json.dump(record, f, indent=2)
     print(f"wrote {cfg.n} PNGs and sampling.json to {out}, the grid of the first ones to {grid_path(out)}")
-    S.teardown()
+    seqgan.teardown()
 
 
 if __name__ == "__main__":
-    S.cli(main)
+    seqgan.cli(main)

@@ -39,6 +39,7 @@ import datetime
 import gzip
 import math
 import os
+import re
 import sys
 from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
@@ -59,8 +60,8 @@ class SeqganError(Exception):
     """A user-facing problem (bad flag, missing file): printed as one line, no traceback."""
 
 
-def knob(default, help):
-    """A config field that carries its --help text."""
+def option(default, help):
+    """A config field (a command-line option) with its default and its --help text."""
     return field(default=default, metadata={"help": help})
 
 
@@ -85,27 +86,27 @@ OBJECTIVES = {
 @dataclass
 class TokenizerConfig:
     """Shape of the VQ tokenizer; the defaults are the 32 px classroom model, see PRESETS."""
-    image_size: int = knob(32, "training image size in pixels (square)")
-    channels: int = knob(64, "base channel count of encoder and decoder")
-    ch_mult: tuple = knob((1, 2, 2), "channel multiplier per level; the downsampling factor is 2**(levels-1)")
-    n_res: int = knob(2, "residual blocks per level")
-    n_res_lowest: int = knob(4, "residual blocks at the lowest resolution (Table 7: 4 at 16x16)")
-    n_codes: int = knob(1024, "codebook size K")
-    code_dim: int = knob(256, "codebook vector dimension")
-    beta: float = knob(0.25, "commitment weight beta of Eq. 2")
-    entropy_weight: float = knob(0.01, "weight gamma of the codebook-entropy term (section 3.4)")
+    image_size: int = option(32, "training image size in pixels (square)")
+    channels: int = option(64, "base channel count of encoder and decoder")
+    ch_mult: tuple = option((1, 2, 2), "channel multiplier per level; the downsampling factor is 2**(levels-1)")
+    n_res: int = option(2, "residual blocks per level")
+    n_res_lowest: int = option(4, "residual blocks at the lowest resolution (Table 7: 4 at 16x16)")
+    n_codes: int = option(1024, "codebook size K")
+    code_dim: int = option(256, "codebook vector dimension")
+    beta: float = option(0.25, "commitment weight beta of Eq. 2")
+    entropy_weight: float = option(0.01, "weight gamma of the codebook-entropy term (section 3.4)")
     # 0.01 as MaskGIT, not the paper's implicit 1: at 1 a young codebook's soft usage is already
     # uniform, so H(D_bar) is at its maximum and the term does nothing (README, Expected numbers)
-    entropy_temp: float = knob(0.01, "tau of the soft assignment softmax(-distance / tau): entropy term, "
+    entropy_temp: float = option(0.01, "tau of the soft assignment softmax(-distance / tau): entropy term, "
                                      "Reg-VQ prior and stochastic mask")
-    objective: str = knob("seqgan", "seqgan, regvq (Zhang et al. 2023) or vqkd (Wang et al. 2024); see README")
-    mask_ratio: float = knob(0.0, "Reg-VQ stochastic mask: fraction m of positions quantized by sampling "
+    objective: str = option("seqgan", "seqgan, regvq (Zhang et al. 2023) or vqkd (Wang et al. 2024); see README")
+    mask_ratio: float = option(0.0, "Reg-VQ stochastic mask: fraction m of positions quantized by sampling "
                                   "(regvq default 0.4)")
-    cosine_codebook: bool = knob(False, "l2-normalised codebook, cosine lookup (vqkd default on)")
-    feature_dim: int = knob(0, "VQ-KD phase 1: decode to this many teacher channels instead of pixels (0 = pixels)")
-    dec_attn: bool = knob(False, "decoder with block-regional + dilated attention (phase 2 turns it on)")
-    attn_heads: int = knob(8, "attention heads in the phase-2 decoder (even: half regional, half dilated)")
-    attn_block: int = knob(4, "block size P of the phase-2 attention")
+    cosine_codebook: bool = option(False, "l2-normalised codebook, cosine lookup (vqkd default on)")
+    feature_dim: int = option(0, "VQ-KD phase 1: decode to this many teacher channels instead of pixels (0 = pixels)")
+    dec_attn: bool = option(False, "decoder with block-regional + dilated attention (phase 2 turns it on)")
+    attn_heads: int = option(8, "attention heads in the phase-2 decoder (even: half regional, half dilated)")
+    attn_block: int = option(4, "block size P of the phase-2 attention")
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -128,23 +129,23 @@ class TokenizerConfig:
 @dataclass
 class LossConfig:
     """Weights of the tokenizer objective (Eq. 2, Eq. 3, GAN)."""
-    alpha: float = knob(1.0, "Eq. 3 mix: 1 = semantic (relu5_3 + logits), 0 = low-level (five relu taps)")
-    l1_weight: float = knob(1.0, "weight of the pixel L1 term")
-    perceptual_weight: float = knob(1.0, "weight of L_alpha")
-    perceptual_norm: str = knob("energy", "per-layer error of Eq. 3: energy (MSE / target feature energy; "
+    alpha: float = option(1.0, "Eq. 3 mix: 1 = semantic (relu5_3 + logits), 0 = low-level (five relu taps)")
+    l1_weight: float = option(1.0, "weight of the pixel L1 term")
+    perceptual_weight: float = option(1.0, "weight of L_alpha")
+    perceptual_norm: str = option("energy", "per-layer error of Eq. 3: energy (MSE / target feature energy; "
                                           "ours, independent of the VGG checkpoint's scale) or none (paper's plain MSE)")
-    perceptual_size: int = knob(0, "resize the VGG16 input to this size (0 = the image size; costs (size/32)^2 "
+    perceptual_size: int = option(0, "resize the VGG16 input to this size (0 = the image size; costs (size/32)^2 "
                                    "more VGG time at 32 px)")
-    gan_weight: float = knob(0.1, "fixed weight of the generator's GAN term (MaskGIT's 0.1)")
-    gan_start: int = knob(5000, "step at which the discriminator starts training")
-    gan_warmup: int = knob(2000, "steps over which the GAN weight ramps from 0 while D warms up")
-    r1_gamma: float = knob(0.1, "R1 penalty weight (StyleGAN2-ADA: 0.01 at 32 px, 1 at 256 px)")
-    r1_every: int = knob(16, "lazy R1: penalise every N discriminator steps")
-    disc_channels: int = knob(64, "discriminator base channels (doubling per block)")
-    disc_max_channels: int = knob(512, "discriminator channel cap")
-    pcl_weight: float = knob(0.0, "Reg-VQ probabilistic contrastive loss weight (regvq default 0.1; ours)")
-    pcl_temp: float = knob(0.1, "temperature of the PCL InfoNCE (ours; the paper's is not reproduced here)")
-    teacher_layer: str = knob("relu5_3", "VQ-KD teacher: the VGG16 tap whose map phase 1 reconstructs")
+    gan_weight: float = option(0.1, "fixed weight of the generator's GAN term (MaskGIT's 0.1)")
+    gan_start: int = option(5000, "step at which the discriminator starts training")
+    gan_warmup: int = option(2000, "steps over which the GAN weight ramps from 0 while D warms up")
+    r1_gamma: float = option(0.1, "R1 penalty weight (StyleGAN2-ADA: 0.01 at 32 px, 1 at 256 px)")
+    r1_every: int = option(16, "lazy R1: penalise every N discriminator steps")
+    disc_channels: int = option(64, "discriminator base channels (doubling per block)")
+    disc_max_channels: int = option(512, "discriminator channel cap")
+    pcl_weight: float = option(0.0, "Reg-VQ probabilistic contrastive loss weight (regvq default 0.1; ours)")
+    pcl_temp: float = option(0.1, "temperature of the PCL InfoNCE (ours; the paper's is not reproduced here)")
+    teacher_layer: str = option("relu5_3", "VQ-KD teacher: the VGG16 tap whose map phase 1 reconstructs")
 
 
 # Named presets are just field overrides; flags given on the command line win.
@@ -168,14 +169,14 @@ PRESETS = {
 class PriorConfig:
     """Shape of the prior transformer (Table 8). n_codes, grid and n_classes come from the tokenizer
     and the data, causal from --model ar|nar; the rest are flags of train_prior.py."""
-    n_codes: int = knob(1024, "K, the tokenizer's codebook size")
-    grid: int = knob(64, "h*w tokens per image (8x8 classroom, 16x16 paper)")
-    n_classes: int = knob(0, "classes for conditioning; 0 = unconditional")
-    n_layer: int = knob(8, "transformer layers")
-    n_head: int = knob(8, "attention heads")
-    n_embd: int = knob(256, "embedding width (MLP 4x)")
-    dropout: float = knob(0.1, "dropout in attention, MLP and embeddings")
-    causal: bool = knob(True, "True: AR prior, False: NAR (MaskGIT) prior")
+    n_codes: int = option(1024, "K, the tokenizer's codebook size")
+    grid: int = option(64, "h*w tokens per image (8x8 classroom, 16x16 paper)")
+    n_classes: int = option(0, "classes for conditioning; 0 = unconditional")
+    n_layer: int = option(8, "transformer layers")
+    n_head: int = option(8, "attention heads")
+    n_embd: int = option(256, "embedding width (MLP 4x)")
+    dropout: float = option(0.1, "dropout in attention, MLP and embeddings")
+    causal: bool = option(True, "True: AR prior, False: NAR (MaskGIT) prior")
 
 
 # Table 8: 24 layers, 16 heads, d 768, MLP 3072 (4x), dropout 0.1 -> ~172M params;
@@ -595,8 +596,9 @@ def tokenizer_loss(x, x_hat, q, loss_cfg, phase=1, gan_w=0.0, disc=None, percept
                                + pcl_weight * PCL (Reg-VQ)
       VQ-KD phase 1    total = KD (1 - cos to the teacher's features; x_hat holds features) + L_vq
 
-    disc is the plain discriminator, never the DDP one: G needs D's input gradient only, so D's
-    parameters are left out of the graph. With gan_w = 0, D is not run at all."""
+    disc may be wrapped in DDP: G's term runs the module inside, since G needs D's input gradient only
+    (D's parameters are left out of the graph, so there is nothing to synchronise). With gan_w = 0, D
+    is not run at all."""
     zero = torch.zeros((), device=x.device)
     terms = dict(loss=zero, l1=zero, perceptual=zero, l_low=zero, l_sem=zero, codebook=q["codebook_loss"],
                  commitment=q["commitment_loss"], entropy=q["entropy"], g_adv=zero, pcl=zero, kd=zero,
@@ -614,6 +616,7 @@ def tokenizer_loss(x, x_hat, q, loss_cfg, phase=1, gan_w=0.0, disc=None, percept
         terms["l_low"], terms["l_sem"] = p_terms["l_low"], p_terms["l_sem"]
         loss = loss + loss_cfg.perceptual_weight * terms["perceptual"]
     if gan_w > 0:
+        disc = getattr(disc, "module", disc)  # DistributedDataParallel wraps the (compiled) module
         disc.requires_grad_(False)  # the graph keeps D's input gradient, not its parameter gradients
         terms["g_adv"] = g_loss(disc(x_hat))
         disc.requires_grad_(True)
@@ -954,19 +957,19 @@ def _lowest(scores, n):
     return scores.argsort(dim=1).argsort(dim=1) < n  # rank of each entry within its row < n
 
 
-def maskgit_loss(model, idx, y=None, generator=None):
+def maskgit_loss(model, idx, mask_id, y=None, generator=None):
     """MaskGIT training loss (Chang et al. 2022, Sec. 3.2); idx (B, N) -> (loss, accuracy) on masked tokens.
 
     Per sample u ~ U(0, 1), mask ratio r = cos(pi/2 * u), ceil(r * N) >= 1 random tokens
-    are replaced by [MASK] = K; cross-entropy with label smoothing 0.1 on those only.
+    are replaced by [MASK] = mask_id (the prior's extra id K); cross-entropy with label smoothing 0.1 on
+    those only.
     generator must live on idx's device; u is its first draw.
     """
     B, N = idx.shape
-    K = getattr(model, "module", model).cfg.n_codes  # model may be wrapped in DDP (train_prior.py)
     u = torch.rand(B, 1, device=idx.device, generator=generator)
     n_mask = torch.ceil(torch.cos(math.pi / 2 * u) * N).clamp(min=1)  # (B, 1)
     mask = _lowest(torch.rand(B, N, device=idx.device, generator=generator), n_mask)  # (B, N), random positions
-    logits = model(idx.masked_fill(mask, K), y).float()  # (B, N, K)
+    logits = model(idx.masked_fill(mask, mask_id), y).float()  # (B, N, K)
     # Weight per-token losses by the mask instead of indexing logits[mask]: the boolean
     # index would need a host sync to learn its size.
     ce = F.cross_entropy(logits.transpose(1, 2), idx, label_smoothing=0.1, reduction="none")  # (B, N)
@@ -974,6 +977,14 @@ def maskgit_loss(model, idx, y=None, generator=None):
     loss = (ce * m).sum() / m.sum()
     acc = ((logits.argmax(-1) == idx).float() * m).sum() / m.sum()
     return loss, acc
+
+
+def prior_loss(model, cfg, idx, y=None, generator=None):
+    """The prior's training loss for its config cfg: next-token (AR) or masked-token (MaskGIT) -> (loss, accuracy).
+    model may be wrapped (DDP, torch.compile); cfg is the plain model's PriorConfig."""
+    if cfg.causal:
+        return ar_loss(model, idx, y)
+    return maskgit_loss(model, idx, cfg.n_codes, y, generator)
 
 
 # -----------------------------------------------------------------------------
@@ -1475,8 +1486,10 @@ def load_checkpoint(path, kind):
 
 
 def clean_state_dict(sd):
-    """Strip the prefixes torch.compile ('_orig_mod.') and DDP ('module.') add to parameter names."""
-    return {k.replace("_orig_mod.", "").replace("module.", ""): v for k, v in sd.items()}
+    """Strip the prefixes torch.compile ('_orig_mod.') and DDP ('module.') put in front of parameter names
+    (only in front: a submodule of that name inside the model keeps its name)."""
+    prefix = re.compile(r"^(?:_orig_mod\.|module\.)+")
+    return {prefix.sub("", k): v for k, v in sd.items()}
 
 
 def tokenizer_from_checkpoint(ckpt):

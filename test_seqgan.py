@@ -665,7 +665,7 @@ def test_maskgit_loss_masks_ceil_cos_fraction_and_at_least_one_token():
     model, seen = tiny(causal=False, sharp=False), []
     model.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
     B = 512
-    S.maskgit_loss(model, rand_idx(B), generator=torch.Generator().manual_seed(3))
+    S.maskgit_loss(model, rand_idx(B), K, generator=torch.Generator().manual_seed(3))
     u = torch.rand(B, generator=torch.Generator().manual_seed(3))
     expected = torch.ceil(torch.cos(math.pi / 2 * u) * N).clamp(min=1).long()
     counts = (seen[0] == K).sum(1)
@@ -685,8 +685,8 @@ def test_maskgit_loss_ignores_predictions_at_unmasked_positions():
             return self.model(idx, y) + noise * (idx != K)[..., None]
 
     model, idx = tiny(causal=False, sharp=False), rand_idx(8)
-    loss, acc = S.maskgit_loss(model, idx, generator=torch.Generator().manual_seed(0))
-    loss2, acc2 = S.maskgit_loss(GarbageWhereVisible(model), idx, generator=torch.Generator().manual_seed(0))
+    loss, acc = S.maskgit_loss(model, idx, K, generator=torch.Generator().manual_seed(0))
+    loss2, acc2 = S.maskgit_loss(GarbageWhereVisible(model), idx, K, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(loss, loss2) and torch.allclose(acc, acc2)
     assert loss.dim() == 0 and acc.dim() == 0 and loss.requires_grad
 
@@ -728,7 +728,7 @@ def test_tiny_prior_overfits_a_fixed_batch(causal):
     g = torch.Generator().manual_seed(0)
     losses = []
     for _ in range(60):
-        loss, acc = S.ar_loss(model, idx, y) if causal else S.maskgit_loss(model, idx, y, generator=g)
+        loss, acc = S.ar_loss(model, idx, y) if causal else S.maskgit_loss(model, idx, model.cfg.n_codes, y, generator=g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -1813,6 +1813,14 @@ def test_existing_checkpoint_is_never_overwritten(phase1_ckpt):
     with pytest.raises(S.SeqganError, match="exists; pass --resume"):
         train_tokenizer.main(TINY + ["--out", os.path.dirname(phase1_ckpt)])
     assert open(phase1_ckpt, "rb").read() == before
+
+
+def test_clean_state_dict_strips_compile_and_ddp_prefixes_only_at_the_start():
+    """'module.' (DDP) and '_orig_mod.' (torch.compile) are dropped in front of a key, in any nesting;
+    a submodule that happens to be called 'module' keeps its name."""
+    sd = {"module._orig_mod.encoder.w": 1, "_orig_mod.module.decoder.b": 2, "decoder.module.w": 3,
+          "head._orig_mod.b": 4}
+    assert S.clean_state_dict(sd) == {"encoder.w": 1, "decoder.b": 2, "decoder.module.w": 3, "head._orig_mod.b": 4}
 
 
 def test_checkpoint_is_fsynced_before_the_rename_and_its_folder_after(tmp_path, monkeypatch):

@@ -28,46 +28,46 @@ import torchvision
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-import seqgan as S
-from seqgan import knob
+import seqgan
+from seqgan import option
 
 
 @dataclass
 class TrainConfig:
-    tokenizer: str = knob("", "the tokenizer's ckpt.pt (train_tokenizer.py); frozen, eval mode")
-    model: str = knob("ar", "ar (causal, next-token loss) or nar (bidirectional, MaskGIT loss)")
-    preset: str = knob("classroom", "prior shape: cpu (4 layers, d 128), classroom (8 layers, d 256), base (Table 8, 172M), "
+    tokenizer: str = option("", "the tokenizer's ckpt.pt (train_tokenizer.py); frozen, eval mode")
+    model: str = option("ar", "ar (causal, next-token loss) or nar (bidirectional, MaskGIT loss)")
+    preset: str = option("classroom", "prior shape: cpu (4 layers, d 128), classroom (8 layers, d 256), base (Table 8, 172M), "
                                      "large (305M)")
-    uncond: bool = knob(False, "ignore the data's labels: an unconditional prior")
-    data: str = knob("", "'cifar10', 'fashion-mnist' or an image folder; default: the tokenizer's training data")
-    data_root: str = knob("", "where CIFAR-10 / Fashion-MNIST live; default: the tokenizer's")
-    token_cache: str = knob("", "file caching the tokenized data; default OUT/tokens.pt (share one between "
+    uncond: bool = option(False, "ignore the data's labels: an unconditional prior")
+    data: str = option("", "'cifar10', 'fashion-mnist' or an image folder; default: the tokenizer's training data")
+    data_root: str = option("", "where CIFAR-10 / Fashion-MNIST live; default: the tokenizer's")
+    token_cache: str = option("", "file caching the tokenized data; default OUT/tokens.pt (share one between "
                                 "AR and NAR runs to tokenize once)")
-    out: str = knob("", "output folder for ckpt.pt, log.txt, tokens.pt and sample grids (default out/prior_MODEL)")
-    steps: int = knob(20000, "total training steps")
-    batch_size: int = knob(128, "token grids per micro-step and GPU; the global batch is batch_size x grad_accum "
+    out: str = option("", "output folder for ckpt.pt, log.txt, tokens.pt and sample grids (default out/prior_MODEL)")
+    steps: int = option(20000, "total training steps")
+    batch_size: int = option(128, "token grids per micro-step and GPU; the global batch is batch_size x grad_accum "
                                 "x processes")
-    grad_accum: int = knob(1, "micro-steps (gradient accumulation) per optimizer step")
-    lr: float = knob(1e-4, "AdamW peak learning rate (Table 10: 1e-4), held until the decay starts")
-    lr_decay_start: int = knob(-1, "step at which the lr starts to decay to --end-lr, reaching it at --steps: "
+    grad_accum: int = option(1, "micro-steps (gradient accumulation) per optimizer step")
+    lr: float = option(1e-4, "AdamW peak learning rate (Table 10: 1e-4), held until the decay starts")
+    lr_decay_start: int = option(-1, "step at which the lr starts to decay to --end-lr, reaching it at --steps: "
                                    "AR exponentially, NAR linearly; -1 = Table 10's: 80000 (AR), 50000 (NAR). "
                                    "If it is not below --steps (e.g. a short run), the decay starts at half "
                                    "of --steps instead")
-    end_lr: float = knob(-1.0, "lr reached at --steps; -1 = Table 10's: 5e-6 (AR), 0 (NAR); equal to --lr: "
+    end_lr: float = option(-1.0, "lr reached at --steps; -1 = Table 10's: 5e-6 (AR), 0 (NAR); equal to --lr: "
                                "constant")
-    weight_decay: float = knob(1e-2, "AdamW weight decay on matrices (paper: 1e-2); biases and norms get none")
-    grad_clip: float = knob(1.0, "clip the global gradient norm (0 = off)")
-    device: str = knob("auto", "auto (CUDA if present), cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)")
-    backend: str = knob("auto", "torch.distributed backend under torchrun: auto (nccl on GPUs, gloo on CPU), "
+    weight_decay: float = option(1e-2, "AdamW weight decay on matrices (paper: 1e-2); biases and norms get none")
+    grad_clip: float = option(1.0, "clip the global gradient norm (0 = off)")
+    device: str = option("auto", "auto (CUDA if present), cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)")
+    backend: str = option("auto", "torch.distributed backend under torchrun: auto (nccl on GPUs, gloo on CPU), "
                                 "nccl or gloo")
-    compile: bool = knob(False, "torch.compile the prior for training (slow start, faster steps)")
-    resume: bool = knob(False, "continue the run in --out from its ckpt.pt (same model flags)")
-    num_workers: int = knob(4, "data-loading processes while tokenizing an image folder")
-    log_every: int = knob(100, "steps between log lines")
-    eval_every: int = knob(2000, "steps between validation loss, a sample grid and a checkpoint")
-    eval_batches: int = knob(10, "validation batches averaged per evaluation")
-    peak_flops: float = knob(0.0, "peak FLOP/s of the accelerator for MFU; 0 = by GPU name (seqgan.PEAK_FLOPS)")
-    seed: int = knob(0, "random seed")
+    compile: bool = option(False, "torch.compile the prior for training (slow start, faster steps)")
+    resume: bool = option(False, "continue the run in --out from its ckpt.pt (same model flags)")
+    num_workers: int = option(4, "data-loading processes while tokenizing an image folder")
+    log_every: int = option(100, "steps between log lines")
+    eval_every: int = option(2000, "steps between validation loss, a sample grid and a checkpoint")
+    eval_batches: int = option(10, "validation batches averaged per evaluation")
+    peak_flops: float = option(0.0, "peak FLOP/s of the accelerator for MFU; 0 = by GPU name (seqgan.PEAK_FLOPS)")
+    seed: int = option(0, "random seed")
 
 
 # The PriorConfig fields that are flags. n_codes and grid come from the tokenizer, n_classes from the
@@ -87,12 +87,12 @@ LR_DECAY = dict(ar=(80_000, 5e-6), nar=(50_000, 0.0))
 
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    S.add_config_args(p, TrainConfig)
+    seqgan.add_config_args(p, TrainConfig)
     group = p.add_argument_group("PriorConfig (defaults: the --preset)")
-    for f in fields(S.PriorConfig):
+    for f in fields(seqgan.PriorConfig):
         if f.name in SHAPE:
             group.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=argparse.SUPPRESS,
-                               help=f"{f.metadata['help']} (classroom: {S.PRIOR_PRESETS['classroom'][f.name]})")
+                               help=f"{f.metadata['help']} (classroom: {seqgan.PRIOR_PRESETS['classroom'][f.name]})")
     return p.parse_args(argv)
 
 
@@ -102,68 +102,68 @@ def configure(args):
     given = vars(args)
     model, preset = given.get("model", "ar"), given.get("preset", "classroom")
     if model not in ("ar", "nar"):
-        raise S.SeqganError(f"--model must be ar or nar, not {model!r}")
-    if preset not in S.PRIOR_PRESETS:
-        raise S.SeqganError(f"unknown --preset {preset}; choose from {', '.join(S.PRIOR_PRESETS)}")
+        raise seqgan.SeqganError(f"--model must be ar or nar, not {model!r}")
+    if preset not in seqgan.PRIOR_PRESETS:
+        raise seqgan.SeqganError(f"unknown --preset {preset}; choose from {', '.join(seqgan.PRIOR_PRESETS)}")
     out = given.get("out") or f"out/prior_{model}"
     ckpt_path = os.path.join(out, "ckpt.pt")
-    defaults, ckpt = dict(S.PRIOR_PRESETS[preset], out=out), None
+    defaults, ckpt = dict(seqgan.PRIOR_PRESETS[preset], out=out), None
     if given.get("resume"):
-        ckpt = S.load_checkpoint(ckpt_path, "prior")
+        ckpt = seqgan.load_checkpoint(ckpt_path, "prior")
         saved = {**ckpt["train_config"], **ckpt["model_config"]}
         for name in MODEL_FLAGS:
             if name in given and given[name] != saved[name]:
-                raise S.SeqganError(f"{ckpt_path} was trained with --{name.replace('_', '-')} {saved[name]}, not "
+                raise seqgan.SeqganError(f"{ckpt_path} was trained with --{name.replace('_', '-')} {saved[name]}, not "
                                     f"{given[name]}; drop the flag or start a new --out")
         defaults = {**ckpt["train_config"], **{k: ckpt["model_config"][k] for k in SHAPE}}
     elif os.path.exists(ckpt_path):
-        raise S.SeqganError(f"{ckpt_path} exists; pass --resume to continue it or choose another --out")
-    tc = S.config_from_args(TrainConfig, args, defaults)
-    shape = S.config_from_args(S.PriorConfig, args, defaults)  # n_codes, grid, n_classes, causal: set in main
-    if not tc.tokenizer:
-        raise S.SeqganError("train_prior.py needs --tokenizer CKPT (the ckpt.pt of a train_tokenizer.py run)")
-    if tc.steps < 1 or tc.batch_size < 1 or tc.eval_batches < 1 or tc.grad_accum < 1:
-        raise S.SeqganError("--steps, --batch-size, --grad-accum and --eval-batches must be at least 1")
+        raise seqgan.SeqganError(f"{ckpt_path} exists; pass --resume to continue it or choose another --out")
+    train_cfg = seqgan.config_from_args(TrainConfig, args, defaults)
+    shape = seqgan.config_from_args(seqgan.PriorConfig, args, defaults)  # n_codes, grid, n_classes, causal: set in main
+    if not train_cfg.tokenizer:
+        raise seqgan.SeqganError("train_prior.py needs --tokenizer CKPT (the ckpt.pt of a train_tokenizer.py run)")
+    if train_cfg.steps < 1 or train_cfg.batch_size < 1 or train_cfg.eval_batches < 1 or train_cfg.grad_accum < 1:
+        raise seqgan.SeqganError("--steps, --batch-size, --grad-accum and --eval-batches must be at least 1")
     if shape.n_embd % shape.n_head:
-        raise S.SeqganError(f"--n-embd {shape.n_embd} is not divisible by --n-head {shape.n_head}")
-    start, end_lr = LR_DECAY[tc.model]  # -1: Table 10's value for this --model
-    tc = replace(tc, lr_decay_start=start if tc.lr_decay_start == -1 else tc.lr_decay_start,
-                 end_lr=end_lr if tc.end_lr == -1 else tc.end_lr)
-    if tc.lr_decay_start < 0:
-        raise S.SeqganError(f"--lr-decay-start {tc.lr_decay_start} is negative (-1 = Table 10's)")
-    if not (0 < tc.end_lr if tc.model == "ar" else 0 <= tc.end_lr) or tc.end_lr > tc.lr:
-        raise S.SeqganError(f"--end-lr {tc.end_lr} must lie in {'(' if tc.model == 'ar' else '['}0, --lr {tc.lr}]"
-                            + (": the AR prior's decay is exponential, so it cannot reach 0" if tc.model == "ar" else ""))
-    tok_ckpt = S.load_checkpoint(tc.tokenizer, "tokenizer")
+        raise seqgan.SeqganError(f"--n-embd {shape.n_embd} is not divisible by --n-head {shape.n_head}")
+    start, end_lr = LR_DECAY[train_cfg.model]  # -1: Table 10's value for this --model
+    train_cfg = replace(train_cfg, lr_decay_start=start if train_cfg.lr_decay_start == -1 else train_cfg.lr_decay_start,
+                 end_lr=end_lr if train_cfg.end_lr == -1 else train_cfg.end_lr)
+    if train_cfg.lr_decay_start < 0:
+        raise seqgan.SeqganError(f"--lr-decay-start {train_cfg.lr_decay_start} is negative (-1 = Table 10's)")
+    if not (0 < train_cfg.end_lr if train_cfg.model == "ar" else 0 <= train_cfg.end_lr) or train_cfg.end_lr > train_cfg.lr:
+        raise seqgan.SeqganError(f"--end-lr {train_cfg.end_lr} must lie in {'(' if train_cfg.model == 'ar' else '['}0, --lr {train_cfg.lr}]"
+                            + (": the AR prior's decay is exponential, so it cannot reach 0" if train_cfg.model == "ar" else ""))
+    tok_ckpt = seqgan.load_checkpoint(train_cfg.tokenizer, "tokenizer")
     # the data defaults to what the tokenizer was trained on
-    tc = replace(tc, data=tc.data or tok_ckpt["train_config"]["data"],
-                 data_root=tc.data_root or tok_ckpt["train_config"]["data_root"],
-                 token_cache=tc.token_cache or os.path.join(tc.out, "tokens.pt"))
-    return tc, shape, ckpt, tok_ckpt
+    train_cfg = replace(train_cfg, data=train_cfg.data or tok_ckpt["train_config"]["data"],
+                 data_root=train_cfg.data_root or tok_ckpt["train_config"]["data_root"],
+                 token_cache=train_cfg.token_cache or os.path.join(train_cfg.out, "tokens.pt"))
+    return train_cfg, shape, ckpt, tok_ckpt
 
 
-def decay_start(tc):
+def decay_start(train_cfg):
     """The step s at which the lr starts to decay: --lr-decay-start if it is below --steps, else half of
     --steps (a classroom run of 20k steps would otherwise never reach Table 10's 50k / 80k)."""
-    return tc.lr_decay_start if tc.lr_decay_start < tc.steps else tc.steps // 2
+    return train_cfg.lr_decay_start if train_cfg.lr_decay_start < train_cfg.steps else train_cfg.steps // 2
 
 
-def get_lr(step, tc):
+def get_lr(step, train_cfg):
     """The lr of the optimizer step taken at `step` (0-based): a pure function of the step and the config,
     so a resumed run carries on along the same curve. Table 10, with lr_0 = --lr, lr_end = --end-lr,
-    s = decay_start(tc), T = --steps:
+    s = decay_start(train_cfg), T = --steps:
       step < s   lr_0
       AR         lr_0 * (lr_end / lr_0) ** ((step - s) / (T - s)) = lr_0 * exp(-k (step - s)),
                  k = ln(lr_0 / lr_end) / (T - s)        (exponential; the rate k makes it lr_end at T)
       NAR        lr_0 + (lr_end - lr_0) * (step - s) / (T - s)    (linear)
     Both equal lr_0 at s and lr_end at T."""
-    s, T = decay_start(tc), tc.steps
+    s, T = decay_start(train_cfg), train_cfg.steps
     if step < s:
-        return tc.lr
+        return train_cfg.lr
     frac = min(step - s, T - s) / (T - s)
-    if tc.model == "ar":
-        return tc.lr * (tc.end_lr / tc.lr) ** frac
-    return tc.lr + (tc.end_lr - tc.lr) * frac
+    if train_cfg.model == "ar":
+        return train_cfg.lr * (train_cfg.end_lr / train_cfg.lr) ** frac
+    return train_cfg.lr + (train_cfg.end_lr - train_cfg.lr) * frac
 
 
 def tokenizer_hash(tok_ckpt):
@@ -171,46 +171,46 @@ def tokenizer_hash(tok_ckpt):
     out, so a phase-2 checkpoint (same encoder and codebook) shares the phase-1 tokens."""
     config = {k: v for k, v in tok_ckpt["model_config"].items() if k not in DECODER_FIELDS}
     h = hashlib.sha1(json.dumps(config, sort_keys=True).encode())
-    for k, v in sorted(S.clean_state_dict(tok_ckpt["model"]).items()):
+    for k, v in sorted(seqgan.clean_state_dict(tok_ckpt["model"]).items()):
         if k.startswith(("encoder.", "quantizer.")):
             h.update(k.encode())
             h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
-def split(tc, image_size):
+def split(train_cfg, image_size):
     """(train, val) datasets and the class count. Val is the test split of CIFAR-10 / Fashion-MNIST; for an
     image folder, every 20th image in sorted order (5%, the same on every run, spread over class folders)."""
-    ds, n_classes = S.load_dataset(tc.data, tc.data_root, image_size, train=True)
-    if tc.data in ("cifar10", "fashion-mnist"):
-        return ds, S.load_dataset(tc.data, tc.data_root, image_size, train=False)[0], n_classes
+    ds, n_classes = seqgan.load_dataset(train_cfg.data, train_cfg.data_root, image_size, train=True)
+    if train_cfg.data in ("cifar10", "fashion-mnist"):
+        return ds, seqgan.load_dataset(train_cfg.data, train_cfg.data_root, image_size, train=False)[0], n_classes
     val = [i for i in range(len(ds)) if i % 20 == 0]
     train = [i for i in range(len(ds)) if i % 20 != 0]
     return torch.utils.data.Subset(ds, train), torch.utils.data.Subset(ds, val), n_classes
 
 
-def data_fingerprint(train_ds, val_ds, tc):
+def data_fingerprint(train_ds, val_ds, train_cfg):
     """The data's identity: for a folder, every file's name, size and mtime; for the array datasets, name and sizes."""
     folder = getattr(train_ds, "dataset", train_ds)
-    if not isinstance(folder, S.ImageFolder):
-        return f"{tc.data}: {len(train_ds)} train, {len(val_ds)} val"
+    if not isinstance(folder, seqgan.ImageFolder):
+        return f"{train_cfg.data}: {len(train_ds)} train, {len(val_ds)} val"
     h = hashlib.sha1(b"val = every 20th")
     for p in folder.paths:
         st = os.stat(p)
-        h.update(f"{os.path.relpath(p, tc.data)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        h.update(f"{os.path.relpath(p, train_cfg.data)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 
-def tokenize(tok, ds, tc, device, desc):
+def tokenize(tok, ds, train_cfg, device, desc):
     """Frozen tokenizer over a dataset in order -> (tokens (N, h*w) int16, labels (N,) int64).
     fp32, no autocast: the codes are computed once, and bf16 could flip near-tie argmins."""
-    in_memory = tc.data in ("cifar10", "fashion-mnist")
-    loader = torch.utils.data.DataLoader(ds, tc.batch_size, shuffle=False,
-                                         num_workers=0 if in_memory else tc.num_workers)
+    in_memory = train_cfg.data in ("cifar10", "fashion-mnist")
+    loader = torch.utils.data.DataLoader(ds, train_cfg.batch_size, shuffle=False,
+                                         num_workers=0 if in_memory else train_cfg.num_workers)
     dtype = torch.int16 if tok.cfg.n_codes <= 32768 else torch.int32  # half the memory of int32
     tokens, labels = [], []
     for x, y in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
-        tokens.append(tok.tokenize(S.to_input(x, device, tok.cfg.image_size)).flatten(1).to("cpu", dtype))
+        tokens.append(tok.tokenize(seqgan.to_input(x, device, tok.cfg.image_size)).flatten(1).to("cpu", dtype))
         labels.append(torch.as_tensor(y, dtype=torch.long))
     return torch.cat(tokens), torch.cat(labels)
 
@@ -219,8 +219,8 @@ def load_tokens(path, fingerprint, build, log):
     """The token cache at path if its fingerprint matches, else build() it and write it atomically."""
     if os.path.isfile(path):
         try:
-            cache = S.load_checkpoint(path, "tokens")
-        except S.SeqganError as e:
+            cache = seqgan.load_checkpoint(path, "tokens")
+        except seqgan.SeqganError as e:
             log(f"token cache unusable ({e}); rebuilding it")
         else:
             if cache["fingerprint"] == fingerprint:
@@ -230,30 +230,22 @@ def load_tokens(path, fingerprint, build, log):
             log(f"token cache {path} is stale ({', '.join(changed)} changed); rebuilding it")
     log(f"tokenizing the data into {path}")
     cache = dict(kind="tokens", fingerprint=fingerprint, **build())
-    S.save_checkpoint(path, cache)
+    seqgan.save_checkpoint(path, cache)
     return cache
 
 
-def prior_loss(model, idx, y, generator=None):
-    """AR: next-token cross-entropy; NAR: MaskGIT loss on masked tokens. -> (loss, token accuracy).
-    model may be wrapped in DDP, whose attributes are those of its .module."""
-    if getattr(model, "module", model).cfg.causal:
-        return S.ar_loss(model, idx, y)
-    return S.maskgit_loss(model, idx, y, generator=generator)
-
-
 @torch.no_grad()
-def evaluate(model, val, val_y, tc, ctx):
+def evaluate(model, val, val_y, train_cfg, ctx):
     """Mean loss and accuracy over the first eval_batches validation batches. The NAR masks come from a
     fixed generator, so every evaluation scores the same masked inputs and the curve is comparable."""
     model.eval()
     g = torch.Generator(device=val.device).manual_seed(0)
     total, n = torch.zeros(2, device=val.device), 0
-    for i in range(0, min(len(val), tc.eval_batches * tc.batch_size), tc.batch_size):
-        idx = val[i:i + tc.batch_size].long()
-        y = val_y[i:i + tc.batch_size] if model.cfg.n_classes else None
+    for i in range(0, min(len(val), train_cfg.eval_batches * train_cfg.batch_size), train_cfg.batch_size):
+        idx = val[i:i + train_cfg.batch_size].long()
+        y = val_y[i:i + train_cfg.batch_size] if model.cfg.n_classes else None
         with ctx:
-            loss, acc = prior_loss(model, idx, y, g)
+            loss, acc = seqgan.prior_loss(model, model.cfg, idx, y, g)
         total += torch.stack([loss, acc]) * len(idx)
         n += len(idx)
     model.train()
@@ -261,58 +253,58 @@ def evaluate(model, val, val_y, tc, ctx):
 
 
 @torch.no_grad()
-def save_samples(model, tok, tc, path, ctx):
+def save_samples(model, tok, train_cfg, path, ctx):
     """A grid of samples with the paper's sampling settings; conditional: one class per column."""
     cfg, device = model.cfg, model.head.weight.device
     nrow = cfg.n_classes * max(1, 8 // cfg.n_classes) if 0 < cfg.n_classes <= 16 else 8  # whole class cycles per row
     n = 4 * nrow
     y = torch.arange(n, device=device) % cfg.n_classes if cfg.n_classes else None
-    g = torch.Generator(device=device).manual_seed(tc.seed)  # the same draws every time: grids compare across steps
+    g = torch.Generator(device=device).manual_seed(train_cfg.seed)  # the same draws every time: grids compare across steps
     model.eval()
     with ctx:
         if cfg.causal:
-            idx = S.generate_ar(model, n, y, top_p=AR_TOP_P, generator=g)
+            idx = seqgan.generate_ar(model, n, y, top_p=AR_TOP_P, generator=g)
         else:
-            idx = S.generate_maskgit(model, n, y, steps=min(NAR_STEPS, cfg.grid), temperature=NAR_TEMPERATURE, generator=g)
+            idx = seqgan.generate_maskgit(model, n, y, steps=min(NAR_STEPS, cfg.grid), temperature=NAR_TEMPERATURE, generator=g)
         x = tok.decode_indices(idx.view(n, tok.cfg.grid, tok.cfg.grid)).float()
     model.train()
     torchvision.utils.save_image(x, path, nrow=nrow, normalize=True, value_range=(-1, 1))
 
 
 def main(argv=None):
-    tc, shape, ckpt, tok_ckpt = configure(parse(argv))  # every rank: the checks, and the checkpoint it resumes
-    ddp, rank, _, world, device = S.setup_distributed(tc.device, tc.backend)
+    train_cfg, shape, ckpt, tok_ckpt = configure(parse(argv))  # every rank: the checks, and the checkpoint it resumes
+    ddp, rank, _, world, device = seqgan.setup_distributed(train_cfg.device, train_cfg.backend)
     master = rank == 0  # logs, evaluates, writes samples and checkpoints; the others only train
     step = ckpt["step"] if ckpt is not None else 0
     # Dropout and NAR masks differ after a resume and across ranks (each rank masks its own rows);
     # the ranks' different initial weights do not matter: DDP copies rank 0's to all at the wrap.
-    torch.manual_seed(tc.seed * 1_000_003 + step + rank)
-    ctx = S.autocast(device)
+    torch.manual_seed(train_cfg.seed * 1_000_003 + step + rank)
+    ctx = seqgan.autocast(device)
 
-    tok = S.load_tokenizer(tc.tokenizer, device, ckpt=tok_ckpt)  # frozen, eval mode, and refuses one without a pixel decoder
-    train_ds, val_ds, n_classes = split(tc, tok.cfg.image_size)
-    cfg = replace(shape, n_codes=tok.cfg.n_codes, grid=tok.cfg.grid ** 2, n_classes=0 if tc.uncond else n_classes,
-                  causal=tc.model == "ar")
+    tok = seqgan.load_tokenizer(train_cfg.tokenizer, device, ckpt=tok_ckpt)  # frozen, eval mode, and refuses one without a pixel decoder
+    train_ds, val_ds, n_classes = split(train_cfg, tok.cfg.image_size)
+    cfg = replace(shape, n_codes=tok.cfg.n_codes, grid=tok.cfg.grid ** 2, n_classes=0 if train_cfg.uncond else n_classes,
+                  causal=train_cfg.model == "ar")
     tok_hash = tokenizer_hash(tok_ckpt)
     if ckpt is not None:
-        saved = S.PriorConfig(**ckpt["model_config"])
+        saved = seqgan.PriorConfig(**ckpt["model_config"])
         if (saved.n_codes, saved.grid) != (cfg.n_codes, cfg.grid):
-            raise S.SeqganError(f"tokenizer {tc.tokenizer} has {cfg.n_codes} codes and {cfg.grid} tokens per image, but "
+            raise seqgan.SeqganError(f"tokenizer {train_cfg.tokenizer} has {cfg.n_codes} codes and {cfg.grid} tokens per image, but "
                                 f"the prior was trained on {saved.n_codes} codes and {saved.grid} tokens")
         if saved.n_classes != cfg.n_classes:
-            raise S.SeqganError(f"--data {tc.data} gives {cfg.n_classes} classes, but the prior was trained with "
+            raise seqgan.SeqganError(f"--data {train_cfg.data} gives {cfg.n_classes} classes, but the prior was trained with "
                                 f"{saved.n_classes}; resume it on the same data")
         if ckpt["tokenizer_hash"] != tok_hash:
-            raise S.SeqganError(f"tokenizer {tc.tokenizer} changed since the prior was trained (other encoder or "
+            raise seqgan.SeqganError(f"tokenizer {train_cfg.tokenizer} changed since the prior was trained (other encoder or "
                                 "codebook weights); start a new --out")
-    global_batch = tc.batch_size * tc.grad_accum * world  # grids per optimizer step, over all ranks
+    global_batch = train_cfg.batch_size * train_cfg.grad_accum * world  # grids per optimizer step, over all ranks
     if len(train_ds) < global_batch:
-        raise S.SeqganError(f"{tc.data} has {len(train_ds)} training images, fewer than --batch-size {tc.batch_size}"
-                            + (f" x {tc.grad_accum * world} (micro-steps x processes)" if global_batch > tc.batch_size else ""))
+        raise seqgan.SeqganError(f"{train_cfg.data} has {len(train_ds)} training images, fewer than --batch-size {train_cfg.batch_size}"
+                            + (f" x {train_cfg.grad_accum * world} (micro-steps x processes)" if global_batch > train_cfg.batch_size else ""))
 
-    ckpt_path, log_path = os.path.join(tc.out, "ckpt.pt"), os.path.join(tc.out, "log.txt")
+    ckpt_path, log_path = os.path.join(train_cfg.out, "ckpt.pt"), os.path.join(train_cfg.out, "log.txt")
     if master:
-        os.makedirs(tc.out, exist_ok=True)
+        os.makedirs(train_cfg.out, exist_ok=True)
 
     def log(line):
         if master:
@@ -321,100 +313,102 @@ def main(argv=None):
                 f.write(line + "\n")
 
     def build():
-        train, train_y = tokenize(tok, train_ds, tc, device, "tokenizing train")
-        val, val_y = tokenize(tok, val_ds, tc, device, "tokenizing val")
+        train, train_y = tokenize(tok, train_ds, train_cfg, device, "tokenizing train")
+        val, val_y = tokenize(tok, val_ds, train_cfg, device, "tokenizing val")
         return dict(train=train, train_labels=train_y, val=val, val_labels=val_y)
 
-    fingerprint = dict(tokenizer=tok_hash, data=data_fingerprint(train_ds, val_ds, tc))
+    fingerprint = dict(tokenizer=tok_hash, data=data_fingerprint(train_ds, val_ds, train_cfg))
     # The cache is built once, by rank 0; the others wait at the barrier, then read what it wrote.
-    tokens = load_tokens(tc.token_cache, fingerprint, build, log) if master else None
-    S.barrier()
+    tokens = load_tokens(train_cfg.token_cache, fingerprint, build, log) if master else None
+    seqgan.barrier()
     if not master:
-        tokens = S.load_checkpoint(tc.token_cache, "tokens")
+        tokens = seqgan.load_checkpoint(train_cfg.token_cache, "tokens")
     # The whole token set lives on the device (CIFAR-10: 6 MB; ImageNet at 16x16: 0.7 GB) and each step
     # indexes a random batch out of it, as nanoGPT's get_batch does: no DataLoader in the loop.
     train, train_y = tokens["train"].to(device), tokens["train_labels"].to(device)
     val, val_y = tokens["val"].to(device), tokens["val_labels"].to(device)
 
-    model = S.Prior(cfg).to(device)
+    raw_model = seqgan.Prior(cfg).to(device)
     # Weight decay on matrices (linear weights and embeddings) only, not on biases and LayerNorms (nanoGPT).
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    decay = [p for p in raw_model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in raw_model.parameters() if p.dim() < 2]
     fused = dict(fused=True) if device.type == "cuda" else {}
-    opt = torch.optim.AdamW([dict(params=decay, weight_decay=tc.weight_decay), dict(params=no_decay, weight_decay=0.0)],
-                            lr=tc.lr, betas=(0.9, 0.96), **fused)
+    opt = torch.optim.AdamW([dict(params=decay, weight_decay=train_cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)],
+                            lr=train_cfg.lr, betas=(0.9, 0.96), **fused)
     best_val = float("inf")
     if ckpt is not None:
-        model.load_state_dict(S.clean_state_dict(ckpt["model"]))
+        raw_model.load_state_dict(seqgan.clean_state_dict(ckpt["model"]))
         opt.load_state_dict(ckpt["optimizer"])
         best_val = ckpt["best_val_loss"]
-    for group, wd in zip(opt.param_groups, (tc.weight_decay, 0.0)):  # flags win over the resumed optimizer's
-        group["lr"], group["weight_decay"] = tc.lr, wd
-    g_model = torch.compile(model) if tc.compile else model
-    if ddp:  # compile first, then wrap (nanoGPT); checkpoints, evaluation and sampling use the plain `model`
-        g_model = DDP(g_model, device_ids=[device.index] if device.type == "cuda" else None)
+    for group, wd in zip(opt.param_groups, (train_cfg.weight_decay, 0.0)):  # flags win over the resumed optimizer's
+        group["lr"], group["weight_decay"] = train_cfg.lr, wd
+    # model is what the steps run (compiled, then wrapped in DDP, as nanoGPT); raw_model is the plain module,
+    # for checkpoints, evaluation and sampling.
+    model = torch.compile(raw_model) if train_cfg.compile else raw_model
+    if ddp:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    flops_per_token = S.estimate_flops_per_token(cfg)
-    peak = S.peak_flops(device, tc.peak_flops)
+    flops_per_token = seqgan.estimate_flops_per_token(cfg)
+    peak = seqgan.peak_flops(device, train_cfg.peak_flops)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    log(f"{tc.model.upper()} prior {S.count_params(model) / 1e6:.2f}M ({cfg.n_layer} layers, d {cfg.n_embd}, "
-        f"{cfg.n_head} heads) | {tc.data}: {len(train)} train / {len(val)} val grids of {cfg.grid} tokens, "
+    log(f"{train_cfg.model.upper()} prior {seqgan.count_params(raw_model) / 1e6:.2f}M ({cfg.n_layer} layers, d {cfg.n_embd}, "
+        f"{cfg.n_head} heads) | {train_cfg.data}: {len(train)} train / {len(val)} val grids of {cfg.grid} tokens, "
         f"K={cfg.n_codes}, {cfg.n_classes or 'no'} classes | device {device}{f' x {world} processes' if ddp else ''} | "
-        f"global batch {S.batch_text(tc.batch_size, tc.grad_accum, world)} | start step {step} | "
+        f"global batch {seqgan.batch_text(train_cfg.batch_size, train_cfg.grad_accum, world)} | start step {step} | "
         f"chance loss ln K = {math.log(cfg.n_codes):.3f}")
-    warning = S.batch_change_warning(ckpt, tc.batch_size, tc.grad_accum, world) if ckpt is not None else None
+    warning = seqgan.batch_change_warning(ckpt, train_cfg.batch_size, train_cfg.grad_accum, world) if ckpt is not None else None
     if warning:
         log(warning)
-    log(f"MFU against a peak of {peak / 1e12:.0f} TFLOP/s ({'--peak-flops' if tc.peak_flops else 'dense bf16, ' + gpu})"
+    log(f"MFU against a peak of {peak / 1e12:.0f} TFLOP/s ({'--peak-flops' if train_cfg.peak_flops else 'dense bf16, ' + gpu})"
         if peak else f"MFU n/a: no peak FLOP/s known for {gpu}; pass --peak-flops")
-    log(f"config: {asdict(tc)} {asdict(cfg)} | tokenizer phase {tok_ckpt['phase']}")
+    log(f"config: {asdict(train_cfg)} {asdict(cfg)} | tokenizer phase {tok_ckpt['phase']}")
 
     def save():
-        S.save_checkpoint(ckpt_path, dict(kind="prior", step=step, best_val_loss=best_val, model_config=asdict(cfg),
-                                          train_config=asdict(tc), world_size=world, tokenizer=os.path.abspath(tc.tokenizer),
-                                          tokenizer_hash=tok_hash, model=model.state_dict(), optimizer=opt.state_dict()))
+        seqgan.save_checkpoint(ckpt_path, dict(kind="prior", step=step, best_val_loss=best_val, model_config=asdict(cfg),
+                                          train_config=asdict(train_cfg), world_size=world, tokenizer=os.path.abspath(train_cfg.tokenizer),
+                                          tokenizer_hash=tok_hash, model=raw_model.state_dict(), optimizer=opt.state_dict()))
 
     # The batch order is seeded from (seed, start step), so a resumed run does not replay the first batches.
     # The generator lives on the device: drawing the indices there needs no host-to-device copy per step.
     # Every rank draws the same global batch and keeps its own slice, so 2 ranks x batch b see exactly
     # what 1 rank x 2b (or 1 rank x b x --grad-accum 2) sees.
-    data_g = torch.Generator(device=device).manual_seed(tc.seed * 1_000_003 + step)
+    data_g = torch.Generator(device=device).manual_seed(train_cfg.seed * 1_000_003 + step)
     sums = torch.zeros(3, device=device)  # loss, accuracy, grad norm: summed on the device, read back at log time
     n_acc, t0, zero = 0, time.time(), torch.zeros((), device=device)
     # the with-block closes the bar on an error too, so the error line stands on its own
-    with tqdm(total=tc.steps, initial=step, desc=f"{tc.model} prior", dynamic_ncols=True, disable=not master) as bar:
-        while step < tc.steps:
-            lr = get_lr(step, tc)
+    with tqdm(total=train_cfg.steps, initial=step, desc=f"{train_cfg.model} prior", dynamic_ncols=True, disable=not master) as bar:
+        while step < train_cfg.steps:
+            lr = get_lr(step, train_cfg)
             for group in opt.param_groups:
                 group["lr"] = lr
             ix = torch.randint(len(train), (global_batch,), device=device, generator=data_g)
-            ix = ix.view(tc.grad_accum, world, tc.batch_size)[:, rank]  # (micro-steps, batch): this rank's slices
+            ix = ix.view(train_cfg.grad_accum, world, train_cfg.batch_size)[:, rank]  # (micro-steps, batch): this rank's slices
             opt.zero_grad(set_to_none=True)
-            for micro in range(tc.grad_accum):
+            for micro in range(train_cfg.grad_accum):
                 idx, y = train[ix[micro]].long(), train_y[ix[micro]] if cfg.n_classes else None
                 if ddp:
                     # All-reduce the gradients only in the last micro-step's backward. The official way is
                     # the model.no_sync() context manager; it only toggles this flag (nanoGPT does the same).
-                    g_model.require_backward_grad_sync = micro == tc.grad_accum - 1
+                    model.require_backward_grad_sync = micro == train_cfg.grad_accum - 1
                 with ctx:
-                    loss, acc = prior_loss(g_model, idx, y)
+                    loss, acc = seqgan.prior_loss(model, cfg, idx, y)
                 # the mean over the micro-steps' grids; DDP then averages over the ranks
-                (loss / tc.grad_accum).backward()
-                sums[:2] += torch.stack([loss.detach(), acc.detach()]) / tc.grad_accum
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip) if tc.grad_clip > 0 else zero
+                (loss / train_cfg.grad_accum).backward()
+                sums[:2] += torch.stack([loss.detach(), acc.detach()]) / train_cfg.grad_accum
+            gnorm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), train_cfg.grad_clip) if train_cfg.grad_clip > 0 else zero
             opt.step()
             sums[2] += gnorm.float()  # the same on every rank: the gradients are already averaged
             n_acc += 1
             step += 1
             bar.update(1)
 
-            if step % tc.log_every == 0 or step == tc.steps:
+            if step % train_cfg.log_every == 0 or step == train_cfg.steps:
                 # The interval's sums, averaged over the ranks: the one sync and host read of the interval.
                 # Every rank sees the same numbers, so a non-finite loss stops them all alike.
-                l, a, gn = (S.all_reduce_sum(sums) / (n_acc * world)).tolist()
+                l, a, gn = (seqgan.all_reduce_sum(sums) / (n_acc * world)).tolist()
                 if not (math.isfinite(l) and math.isfinite(gn)):
-                    raise S.SeqganError(f"non-finite loss at step {step}: loss={l:.4g}, grad norm={gn:.4g}; lower --lr "
-                                        f"(now {tc.lr}). Last good checkpoint: {ckpt_path}")
+                    raise seqgan.SeqganError(f"non-finite loss at step {step}: loss={l:.4g}, grad norm={gn:.4g}; lower --lr "
+                                        f"(now {train_cfg.lr}). Last good checkpoint: {ckpt_path}")
                 tps = n_acc * global_batch * cfg.grid / (time.time() - t0)
                 mfu = f"{flops_per_token * tps / (peak * world):.1%}" if peak else "n/a"
                 log(f"step {step} | loss {l:.4f} acc {a:.3f} | grad norm {gn:.3f} | lr {lr:.3e} | "
@@ -423,17 +417,17 @@ def main(argv=None):
                 sums.zero_()
                 n_acc, t0 = 0, time.time()
 
-            if master and (step % tc.eval_every == 0 or step == tc.steps):
+            if master and (step % train_cfg.eval_every == 0 or step == train_cfg.steps):
                 # rank 0 alone; the others go on and wait for it in the next step's gradient all-reduce
-                vl, va = evaluate(model, val, val_y, tc, ctx)
+                vl, va = evaluate(raw_model, val, val_y, train_cfg, ctx)
                 best_val = min(best_val, vl)
                 log(f"eval step {step} | val loss {vl:.4f} acc {va:.3f} | best {best_val:.4f}")
-                save_samples(model, tok, tc, os.path.join(tc.out, f"samples_{step:07d}.png"), ctx)
+                save_samples(raw_model, tok, train_cfg, os.path.join(train_cfg.out, f"samples_{step:07d}.png"), ctx)
                 save()
                 t0 = time.time()
     log(f"done: {ckpt_path}")
-    S.teardown()
+    seqgan.teardown()
 
 
 if __name__ == "__main__":
-    S.cli(main)
+    seqgan.cli(main)

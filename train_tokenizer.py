@@ -23,36 +23,36 @@ import torchvision
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-import seqgan as S
-from seqgan import knob
+import seqgan
+from seqgan import option
 
 
 @dataclass
 class TrainConfig:
-    data: str = knob("cifar10", "'cifar10' (torchvision download), 'fashion-mnist', or an image folder "
+    data: str = option("cifar10", "'cifar10' (torchvision download), 'fashion-mnist', or an image folder "
                                 "(searched recursively; class subfolders give labels)")
-    data_root: str = knob("data", "where CIFAR-10 is downloaded to (and data/fashion-mnist looked for)")
-    preset: str = knob("classroom", "classroom (32 px, f=4, 8x8 tokens), paper (256 px, f=16, Table 7) or cpu "
+    data_root: str = option("data", "where CIFAR-10 is downloaded to (and data/fashion-mnist looked for)")
+    preset: str = option("classroom", "classroom (32 px, f=4, 8x8 tokens), paper (256 px, f=16, Table 7) or cpu "
                                      "(Fashion-MNIST, a 1.1M tokenizer, 600 steps: 2 CPU cores)")
-    phase: int = knob(1, "1 = semantic compression; 2 = encoder and codebook frozen, attention decoder, alpha 0")
-    init: str = knob("", "phase 2 only: the phase-1 checkpoint to start from")
-    out: str = knob("out/tokenizer", "output folder for ckpt.pt, log.txt and PNG grids (phase 2: out/tokenizer2)")
-    steps: int = knob(50000, "total training steps")
-    batch_size: int = knob(64, "images per micro-step and GPU; the global batch is batch_size x grad_accum x processes")
-    grad_accum: int = knob(1, "micro-steps (gradient accumulation) per optimizer step")
-    lr: float = knob(0.0, "learning rate; 0 = the paper's: 1e-4 cosine to 5e-5 (phase 1), 5e-5 constant (phase 2)")
-    device: str = knob("auto", "auto (CUDA if present), cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)")
-    backend: str = knob("auto", "torch.distributed backend under torchrun: auto (nccl on GPUs, gloo on CPU), "
+    phase: int = option(1, "1 = semantic compression; 2 = encoder and codebook frozen, attention decoder, alpha 0")
+    init: str = option("", "phase 2 only: the phase-1 checkpoint to start from")
+    out: str = option("out/tokenizer", "output folder for ckpt.pt, log.txt and PNG grids (phase 2: out/tokenizer2)")
+    steps: int = option(50000, "total training steps")
+    batch_size: int = option(64, "images per micro-step and GPU; the global batch is batch_size x grad_accum x processes")
+    grad_accum: int = option(1, "micro-steps (gradient accumulation) per optimizer step")
+    lr: float = option(0.0, "learning rate; 0 = the paper's: 1e-4 cosine to 5e-5 (phase 1), 5e-5 constant (phase 2)")
+    device: str = option("auto", "auto (CUDA if present), cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)")
+    backend: str = option("auto", "torch.distributed backend under torchrun: auto (nccl on GPUs, gloo on CPU), "
                                 "nccl or gloo")
-    compile: bool = knob(False, "torch.compile the tokenizer and discriminator (slow start, faster steps)")
-    resume: bool = knob(False, "continue the run in --out from its ckpt.pt (same phase and config)")
-    vgg_weights: str = knob("imagenet", "imagenet (torchvision download or torch hub cache), a state-dict PATH, "
+    compile: bool = option(False, "torch.compile the tokenizer and discriminator (slow start, faster steps)")
+    resume: bool = option(False, "continue the run in --out from its ckpt.pt (same phase and config)")
+    vgg_weights: str = option("imagenet", "imagenet (torchvision download or torch hub cache), a state-dict PATH, "
                                         "or random (tests only)")
-    num_workers: int = knob(4, "data-loading processes for image folders")
-    log_every: int = knob(100, "steps between log lines")
-    eval_every: int = knob(2000, "steps between evaluation (PSNR, codebook usage), a PNG grid and a checkpoint")
-    eval_images: int = knob(1000, "held-out images per evaluation (the test split; for a folder, its first images)")
-    seed: int = knob(0, "random seed")
+    num_workers: int = option(4, "data-loading processes for image folders")
+    log_every: int = option(100, "steps between log lines")
+    eval_every: int = option(2000, "steps between evaluation (PSNR, codebook usage), a PNG grid and a checkpoint")
+    eval_images: int = option(1000, "held-out images per evaluation (the test split; for a folder, its first images)")
+    seed: int = option(0, "random seed")
 
 
 # torch.compile's backend for --compile. The tests set "aot_eager" (the same AOTAutograd graphs, so the
@@ -65,7 +65,7 @@ PHASE2_DEFAULTS = dict(out="out/tokenizer2", alpha=0.0, gan_start=0, steps=20000
 
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    S.add_config_args(p, TrainConfig, S.TokenizerConfig, S.LossConfig)
+    seqgan.add_config_args(p, TrainConfig, seqgan.TokenizerConfig, seqgan.LossConfig)
     return p.parse_args(argv)
 
 
@@ -75,35 +75,35 @@ def configure(args):
     given = vars(args)
     phase, preset = given.get("phase", 1), given.get("preset", "classroom")
     if phase not in (1, 2):
-        raise S.SeqganError(f"--phase must be 1 or 2, not {phase}")
-    if preset not in S.PRESETS:
-        raise S.SeqganError(f"unknown --preset {preset}; choose from {', '.join(S.PRESETS)}")
+        raise seqgan.SeqganError(f"--phase must be 1 or 2, not {phase}")
+    if preset not in seqgan.PRESETS:
+        raise seqgan.SeqganError(f"unknown --preset {preset}; choose from {', '.join(seqgan.PRESETS)}")
     objective = given.get("objective", "seqgan")
-    if objective not in S.OBJECTIVES:
-        raise S.SeqganError(f"unknown --objective {objective}; choose from {', '.join(S.OBJECTIVES)}")
-    defaults = dict(S.PRESETS[preset], **S.OBJECTIVES[objective], **(PHASE2_DEFAULTS if phase == 2 else {}))
+    if objective not in seqgan.OBJECTIVES:
+        raise seqgan.SeqganError(f"unknown --objective {objective}; choose from {', '.join(seqgan.OBJECTIVES)}")
+    defaults = dict(seqgan.PRESETS[preset], **seqgan.OBJECTIVES[objective], **(PHASE2_DEFAULTS if phase == 2 else {}))
     ckpt_path = os.path.join(given.get("out", defaults.get("out", TrainConfig.out)), "ckpt.pt")
     ckpt = init = None
     if given.get("resume"):
-        ckpt = S.load_checkpoint(ckpt_path, "tokenizer")
+        ckpt = seqgan.load_checkpoint(ckpt_path, "tokenizer")
         if ckpt["phase"] != phase:
-            raise S.SeqganError(f"{ckpt_path} is a phase-{ckpt['phase']} checkpoint; resume it with --phase {ckpt['phase']}")
+            raise seqgan.SeqganError(f"{ckpt_path} is a phase-{ckpt['phase']} checkpoint; resume it with --phase {ckpt['phase']}")
         for name, saved in {**ckpt["model_config"], **ckpt["loss_config"]}.items():
             if name in given and given[name] != saved:
-                raise S.SeqganError(f"{ckpt_path} was trained with --{name.replace('_', '-')} {saved}, not "
+                raise seqgan.SeqganError(f"{ckpt_path} was trained with --{name.replace('_', '-')} {saved}, not "
                                     f"{given[name]}; drop the flag or start a new --out")
         defaults = {**ckpt["train_config"], **ckpt["model_config"], **ckpt["loss_config"]}
     elif os.path.exists(ckpt_path):
-        raise S.SeqganError(f"{ckpt_path} exists; pass --resume to continue it or choose another --out")
+        raise seqgan.SeqganError(f"{ckpt_path} exists; pass --resume to continue it or choose another --out")
     elif phase == 2:
         if not given.get("init"):
-            raise S.SeqganError("phase 2 needs --init PHASE1_CKPT (the ckpt.pt of a phase-1 run)")
-        init = S.load_checkpoint(given["init"], "tokenizer")
+            raise seqgan.SeqganError("phase 2 needs --init PHASE1_CKPT (the ckpt.pt of a phase-1 run)")
+        init = seqgan.load_checkpoint(given["init"], "tokenizer")
         if init["phase"] != 1:
-            raise S.SeqganError(f"--init {given['init']} is a phase-{init['phase']} checkpoint; phase 2 starts from phase 1")
+            raise seqgan.SeqganError(f"--init {given['init']} is a phase-{init['phase']} checkpoint; phase 2 starts from phase 1")
         for name, saved in init["model_config"].items():
             if name in given and given[name] != saved and name not in ("attn_heads", "attn_block", "mask_ratio"):
-                raise S.SeqganError(f"--init {given['init']} has --{name.replace('_', '-')} {saved}, not {given[name]}; "
+                raise seqgan.SeqganError(f"--init {given['init']} has --{name.replace('_', '-')} {saved}, not {given[name]}; "
                                     "phase 2 keeps the phase-1 encoder and codebook")
         # phase 2 inherits data, model and D from phase 1; it trains a fresh run with its own defaults,
         # a deterministic quantizer, and a pixel decoder (VQ-KD: from scratch, so D warms up again)
@@ -112,146 +112,147 @@ def configure(args):
                     "mask_ratio": 0.0, "pcl_weight": 0.0, "feature_dim": 0}
         if init["model_config"]["feature_dim"]:
             defaults["gan_start"] = init["loss_config"]["gan_start"]
-    tc, mc, lc = (S.config_from_args(c, args, defaults) for c in (TrainConfig, S.TokenizerConfig, S.LossConfig))
-    if tc.batch_size < 1 or tc.grad_accum < 1:
-        raise S.SeqganError("--batch-size and --grad-accum must be at least 1")
-    if tc.phase == 1 and tc.init:
-        raise S.SeqganError("--init is for phase 2 (a phase-1 checkpoint to fine-tune); drop it")
-    if not 0 <= lc.alpha <= 1:
-        raise S.SeqganError(f"--alpha {lc.alpha} is outside [0, 1]")
-    if tc.phase == 2 and lc.alpha != 0:
-        raise S.SeqganError("phase 2 fine-tunes the decoder with alpha = 0 (section 3.3); drop --alpha")
-    if lc.teacher_layer not in S.VGG_CHANNELS:
-        raise S.SeqganError(f"--teacher-layer {lc.teacher_layer}: choose from {', '.join(S.VGG_CHANNELS)}")
-    if mc.objective == "vqkd" and tc.phase == 1 and not tc.resume:
-        mc = replace(mc, feature_dim=S.VGG_CHANNELS[lc.teacher_layer])  # phase 1 decodes teacher features
-    if tc.lr == 0:
-        tc = replace(tc, lr=1e-4 if tc.phase == 1 else 5e-5)
-    return tc, mc, lc, ckpt, init
+    train_cfg, model_cfg, loss_cfg = (seqgan.config_from_args(c, args, defaults) for c in (TrainConfig, seqgan.TokenizerConfig, seqgan.LossConfig))
+    if train_cfg.batch_size < 1 or train_cfg.grad_accum < 1:
+        raise seqgan.SeqganError("--batch-size and --grad-accum must be at least 1")
+    if train_cfg.phase == 1 and train_cfg.init:
+        raise seqgan.SeqganError("--init is for phase 2 (a phase-1 checkpoint to fine-tune); drop it")
+    if not 0 <= loss_cfg.alpha <= 1:
+        raise seqgan.SeqganError(f"--alpha {loss_cfg.alpha} is outside [0, 1]")
+    if train_cfg.phase == 2 and loss_cfg.alpha != 0:
+        raise seqgan.SeqganError("phase 2 fine-tunes the decoder with alpha = 0 (section 3.3); drop --alpha")
+    if loss_cfg.teacher_layer not in seqgan.VGG_CHANNELS:
+        raise seqgan.SeqganError(f"--teacher-layer {loss_cfg.teacher_layer}: choose from {', '.join(seqgan.VGG_CHANNELS)}")
+    if model_cfg.objective == "vqkd" and train_cfg.phase == 1 and not train_cfg.resume:
+        model_cfg = replace(model_cfg, feature_dim=seqgan.VGG_CHANNELS[loss_cfg.teacher_layer])  # phase 1 decodes teacher features
+    if train_cfg.lr == 0:
+        train_cfg = replace(train_cfg, lr=1e-4 if train_cfg.phase == 1 else 5e-5)
+    return train_cfg, model_cfg, loss_cfg, ckpt, init
 
 
-def get_lr(step, tc):
+def get_lr(step, train_cfg):
     """Phase 1: cosine decay from lr to 5e-5 (paper); phase 2: constant."""
-    if tc.phase == 2:
-        return tc.lr
-    lr_min = min(tc.lr, 5e-5)
-    return lr_min + 0.5 * (tc.lr - lr_min) * (1 + math.cos(math.pi * step / tc.steps))
+    if train_cfg.phase == 2:
+        return train_cfg.lr
+    lr_min = min(train_cfg.lr, 5e-5)
+    return lr_min + 0.5 * (train_cfg.lr - lr_min) * (1 + math.cos(math.pi * step / train_cfg.steps))
 
 
-def batches(ds, tc, start_step, device, rank=0, world=1):
+def batches(ds, train_cfg, start_step, device, rank=0, world=1):
     """Endless batches of this rank, one per micro-step. Each epoch one permutation of the data, seeded
     from (seed, start step, epoch) so that a resumed run does not replay, is cut into global batches of
     batch_size x grad_accum x world images; micro-step m of rank r takes slice m * world + r of each
     (DistributedSampler's idea, by batch): 2 ranks x b, or 1 rank x b x 2 micro-steps, see what 1 rank x 2b sees."""
     in_memory = isinstance(ds, torch.utils.data.TensorDataset)
-    b, slices = tc.batch_size, tc.grad_accum * world
+    b, slices = train_cfg.batch_size, train_cfg.grad_accum * world
     epoch = 0
     while True:
-        g = torch.Generator().manual_seed(tc.seed * 1_000_003 + start_step + epoch)
+        g = torch.Generator().manual_seed(train_cfg.seed * 1_000_003 + start_step + epoch)
         perm = torch.randperm(len(ds), generator=g).tolist()  # the order shuffle=True draws from the same generator
         mine = [perm[k + (m * world + rank) * b: k + (m * world + rank + 1) * b]
-                for k in range(0, len(perm) - slices * b + 1, slices * b) for m in range(tc.grad_accum)]
-        loader = torch.utils.data.DataLoader(ds, batch_sampler=mine, num_workers=0 if in_memory else tc.num_workers,
+                for k in range(0, len(perm) - slices * b + 1, slices * b) for m in range(train_cfg.grad_accum)]
+        loader = torch.utils.data.DataLoader(ds, batch_sampler=mine, num_workers=0 if in_memory else train_cfg.num_workers,
                                              pin_memory=device.type == "cuda")
         yield from loader
         epoch += 1
 
 
 @torch.no_grad()
-def evaluate(model, val, tc, mc, device, ctx):
+def evaluate(model, val, train_cfg, model_cfg, device, ctx):
     """PSNR and codebook usage over the held-out images (usage = distinct codes over the whole pass)."""
     model.eval()
-    counts = torch.zeros(mc.n_codes, device=device, dtype=torch.long)
+    counts = torch.zeros(model_cfg.n_codes, device=device, dtype=torch.long)
     total, n, first = 0.0, 0, None
-    loader = torch.utils.data.DataLoader(val, tc.batch_size, shuffle=False)
+    loader = torch.utils.data.DataLoader(val, train_cfg.batch_size, shuffle=False)
     for xb, _ in loader:
-        x = S.to_input(xb, device, mc.image_size)[: tc.eval_images - n]
+        x = seqgan.to_input(xb, device, model_cfg.image_size)[: train_cfg.eval_images - n]
         with ctx:
             x_hat, idx, _ = model(x)
-        S.count_codes(counts, idx)
+        seqgan.count_codes(counts, idx)
         n += len(x)
-        if not mc.feature_dim:  # VQ-KD phase 1 outputs features: no pixels to compare or show
+        if not model_cfg.feature_dim:  # VQ-KD phase 1 outputs features: no pixels to compare or show
             x_hat = x_hat.float().clamp(-1, 1)
-            total += S.psnr(x_hat, x) * len(x)
+            total += seqgan.psnr(x_hat, x) * len(x)
             first = (x[:8], x_hat[:8]) if first is None else first
-        if n >= tc.eval_images:
+        if n >= train_cfg.eval_images:
             break
     model.train()
-    usage, ppl = S.codebook_usage(counts)
-    return dict(psnr=float(total / n) if not mc.feature_dim else float("nan"), usage=usage.item(), perplexity=ppl.item()), first
+    usage, ppl = seqgan.codebook_usage(counts)
+    return dict(psnr=float(total / n) if not model_cfg.feature_dim else float("nan"), usage=usage.item(), perplexity=ppl.item()), first
 
 
 def main(argv=None):
     args = parse(argv)
-    tc, mc, lc, ckpt, init = configure(args)  # every rank: the checks, and the checkpoint it resumes
-    ddp, rank, _, world, device = S.setup_distributed(tc.device, tc.backend)
+    train_cfg, model_cfg, loss_cfg, ckpt, init = configure(args)  # every rank: the checks, and the checkpoint it resumes
+    ddp, rank, _, world, device = seqgan.setup_distributed(train_cfg.device, train_cfg.backend)
     master = rank == 0  # logs, evaluates, writes grids and checkpoints; the others only train
     # A seed offset per rank: Reg-VQ's stochastic masks differ across ranks. The ranks' different initial
     # weights do not matter: DDP copies rank 0's to all at the wrap (the random VGG has its own seed).
-    torch.manual_seed(tc.seed + rank)
+    torch.manual_seed(train_cfg.seed + rank)
     torch.backends.cudnn.benchmark = True
-    ctx = S.autocast(device)
+    ctx = seqgan.autocast(device)
 
-    ds, _ = S.load_dataset(tc.data, tc.data_root, mc.image_size, train=True)
-    global_batch = tc.batch_size * tc.grad_accum * world  # images per optimizer step, over all ranks
+    ds, _ = seqgan.load_dataset(train_cfg.data, train_cfg.data_root, model_cfg.image_size, train=True)
+    global_batch = train_cfg.batch_size * train_cfg.grad_accum * world  # images per optimizer step, over all ranks
     if len(ds) < global_batch:
-        raise S.SeqganError(f"{tc.data} has {len(ds)} images, fewer than --batch-size {tc.batch_size}"
-                            + (f" x {tc.grad_accum * world} (micro-steps x processes)" if global_batch > tc.batch_size else ""))
-    if tc.data in ("cifar10", "fashion-mnist"):
-        val, _ = S.load_dataset(tc.data, tc.data_root, mc.image_size, train=False)
+        raise seqgan.SeqganError(f"{train_cfg.data} has {len(ds)} images, fewer than --batch-size {train_cfg.batch_size}"
+                            + (f" x {train_cfg.grad_accum * world} (micro-steps x processes)" if global_batch > train_cfg.batch_size else ""))
+    if train_cfg.data in ("cifar10", "fashion-mnist"):
+        val, _ = seqgan.load_dataset(train_cfg.data, train_cfg.data_root, model_cfg.image_size, train=False)
     else:
         val = ds  # an image folder has no split: evaluate on its first images
-    val = torch.utils.data.Subset(val, range(min(tc.eval_images, len(val))))
+    val = torch.utils.data.Subset(val, range(min(train_cfg.eval_images, len(val))))
     # frozen, never wrapped in DDP: it has nothing to synchronise. Not built when no term uses it
     # (--perceptual-weight 0 without PCL or VQ-KD): quick CPU ablations need no VGG16 at all.
     perceptual = None
-    if lc.perceptual_weight > 0 or lc.pcl_weight > 0 or mc.feature_dim:
-        perceptual = S.PerceptualLoss(lc.alpha, S.load_vgg16(tc.vgg_weights), lc.perceptual_norm, lc.perceptual_size)
+    if loss_cfg.perceptual_weight > 0 or loss_cfg.pcl_weight > 0 or model_cfg.feature_dim:
+        perceptual = seqgan.PerceptualLoss(loss_cfg.alpha, seqgan.load_vgg16(train_cfg.vgg_weights), loss_cfg.perceptual_norm, loss_cfg.perceptual_size)
         perceptual = perceptual.to(device)
 
-    model = S.Tokenizer(mc)
-    disc = S.Discriminator(mc.image_size, lc.disc_channels, lc.disc_max_channels)
+    raw_model = seqgan.Tokenizer(model_cfg)
+    raw_disc = seqgan.Discriminator(model_cfg.image_size, loss_cfg.disc_channels, loss_cfg.disc_max_channels)
     if init is not None:  # phase 2: phase-1 weights; the new attention layers (VQ-KD: the decoder) start fresh
         keep = ("encoder.", "quantizer.") if init["model_config"]["feature_dim"] else ("encoder.", "quantizer.", "decoder.")
-        weights = {k: v for k, v in S.clean_state_dict(init["model"]).items() if k.startswith(keep)}
-        missing, unexpected = model.load_state_dict(weights, strict=False)
+        weights = {k: v for k, v in seqgan.clean_state_dict(init["model"]).items() if k.startswith(keep)}
+        missing, unexpected = raw_model.load_state_dict(weights, strict=False)
         assert not unexpected and all(k.startswith("decoder.") for k in missing), (missing, unexpected)
-        disc.load_state_dict(S.clean_state_dict(init["disc"]))
-    if tc.phase == 2:
-        model.encoder.requires_grad_(False)
-        model.quantizer.requires_grad_(False)
-    model.to(device)
-    disc.to(device)
+        raw_disc.load_state_dict(seqgan.clean_state_dict(init["disc"]))
+    if train_cfg.phase == 2:
+        raw_model.encoder.requires_grad_(False)
+        raw_model.quantizer.requires_grad_(False)
+    raw_model.to(device)
+    raw_disc.to(device)
     fused = dict(fused=True) if device.type == "cuda" else {}
-    betas = (0.9, 0.99) if tc.phase == 1 else (0.5, 0.9)  # paper: phase 1 / phase 2
-    opt_g = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=tc.lr, betas=betas, **fused)
-    opt_d = torch.optim.Adam(disc.parameters(), lr=tc.lr, betas=(0.0, 0.99), **fused)
+    betas = (0.9, 0.99) if train_cfg.phase == 1 else (0.5, 0.9)  # paper: phase 1 / phase 2
+    opt_g = torch.optim.Adam([p for p in raw_model.parameters() if p.requires_grad], lr=train_cfg.lr, betas=betas, **fused)
+    opt_d = torch.optim.Adam(raw_disc.parameters(), lr=train_cfg.lr, betas=(0.0, 0.99), **fused)
     step = 0
     if ckpt is not None:
-        model.load_state_dict(S.clean_state_dict(ckpt["model"]))
-        disc.load_state_dict(S.clean_state_dict(ckpt["disc"]))
+        raw_model.load_state_dict(seqgan.clean_state_dict(ckpt["model"]))
+        raw_disc.load_state_dict(seqgan.clean_state_dict(ckpt["disc"]))
         opt_g.load_state_dict(ckpt["opt_g"])
         opt_d.load_state_dict(ckpt["opt_d"])
         step = ckpt["step"]
-    g_model = torch.compile(model, backend=COMPILE_BACKEND) if tc.compile else model
-    g_disc = torch.compile(disc, backend=COMPILE_BACKEND) if tc.compile else disc
-    d_disc = g_disc  # the discriminator of the D step; G's adversarial term uses the plain g_disc
+    # model and disc are what the steps run (compiled, then wrapped in DDP); raw_model and raw_disc are
+    # the plain modules, for checkpoints and evaluation.
+    model = torch.compile(raw_model, backend=COMPILE_BACKEND) if train_cfg.compile else raw_model
+    disc = torch.compile(raw_disc, backend=COMPILE_BACKEND) if train_cfg.compile else raw_disc
     if ddp:
         # Compile first, then wrap (nanoGPT). DDP keeps only parameters that require grad in sync, so in
         # phase 2 only the decoder's (encoder and codebook are frozen); in phase 1 every parameter of the
-        # tokenizer gets a gradient, as DDP needs without find_unused_parameters. Checkpoints, evaluation
-        # and G's adversarial term use the plain modules.
+        # tokenizer gets a gradient, as DDP needs without find_unused_parameters. G's adversarial term
+        # runs the module inside disc's DDP wrapper (seqgan.tokenizer_loss).
         ids = [device.index] if device.type == "cuda" else None
-        g_model, d_disc = DDP(g_model, device_ids=ids), DDP(g_disc, device_ids=ids)
+        model, disc = DDP(model, device_ids=ids), DDP(disc, device_ids=ids)
 
-    ckpt_path, log_path = os.path.join(tc.out, "ckpt.pt"), os.path.join(tc.out, "log.txt")
+    ckpt_path, log_path = os.path.join(train_cfg.out, "ckpt.pt"), os.path.join(train_cfg.out, "log.txt")
     if master:
-        os.makedirs(tc.out, exist_ok=True)
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    header = (f"phase {tc.phase} | {tc.data} ({len(ds)} images) | device {device}{f' x {world} processes' if ddp else ''}"
-              f" | tokenizer {S.count_params(model) / 1e6:.2f}M ({n_train / 1e6:.2f}M trained), "
-              f"D {S.count_params(disc) / 1e6:.2f}M | {mc.grid}x{mc.grid} tokens, K={mc.n_codes} | alpha {lc.alpha} | "
-              f"global batch {S.batch_text(tc.batch_size, tc.grad_accum, world)} | start step {step}")
+        os.makedirs(train_cfg.out, exist_ok=True)
+    n_train = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
+    header = (f"phase {train_cfg.phase} | {train_cfg.data} ({len(ds)} images) | device {device}{f' x {world} processes' if ddp else ''}"
+              f" | tokenizer {seqgan.count_params(raw_model) / 1e6:.2f}M ({n_train / 1e6:.2f}M trained), "
+              f"D {seqgan.count_params(raw_disc) / 1e6:.2f}M | {model_cfg.grid}x{model_cfg.grid} tokens, K={model_cfg.n_codes} | alpha {loss_cfg.alpha} | "
+              f"global batch {seqgan.batch_text(train_cfg.batch_size, train_cfg.grad_accum, world)} | start step {step}")
 
     def log(line):
         if master:
@@ -260,28 +261,28 @@ def main(argv=None):
                 f.write(line + "\n")
 
     log(header)
-    warning = S.batch_change_warning(ckpt, tc.batch_size, tc.grad_accum, world) if ckpt is not None else None
+    warning = seqgan.batch_change_warning(ckpt, train_cfg.batch_size, train_cfg.grad_accum, world) if ckpt is not None else None
     if warning:
         log(warning)
-    log(f"config: {asdict(tc)} {asdict(mc)} {asdict(lc)}")
+    log(f"config: {asdict(train_cfg)} {asdict(model_cfg)} {asdict(loss_cfg)}")
 
     def save():
-        S.save_checkpoint(ckpt_path, dict(kind="tokenizer", phase=tc.phase, step=step, model_config=asdict(mc),
-                                          loss_config=asdict(lc), train_config=asdict(tc), world_size=world,
-                                          model=model.state_dict(), disc=disc.state_dict(),
+        seqgan.save_checkpoint(ckpt_path, dict(kind="tokenizer", phase=train_cfg.phase, step=step, model_config=asdict(model_cfg),
+                                          loss_config=asdict(loss_cfg), train_config=asdict(train_cfg), world_size=world,
+                                          model=raw_model.state_dict(), disc=raw_disc.state_dict(),
                                           opt_g=opt_g.state_dict(), opt_d=opt_d.state_dict()))
 
-    data = batches(ds, tc, step, device, rank, world)
+    data = batches(ds, train_cfg, step, device, rank, world)
     # Running sums of the named terms and code counts, summed over the ranks and read back only at log
     # time: no per-step sync.
     acc = {}
-    counts = torch.zeros(mc.n_codes, device=device, dtype=torch.long)
+    counts = torch.zeros(model_cfg.n_codes, device=device, dtype=torch.long)
     n_acc, t0, zero = 0, time.time(), torch.zeros((), device=device)
-    micro_steps = range(tc.grad_accum)
+    micro_steps = range(train_cfg.grad_accum)
     # the with-block closes the bar on an error too, so the error line stands on its own
-    with tqdm(total=tc.steps, initial=step, desc=f"phase {tc.phase}", dynamic_ncols=True, disable=not master) as bar:
-        while step < tc.steps:
-            lr = get_lr(step, tc)
+    with tqdm(total=train_cfg.steps, initial=step, desc=f"phase {train_cfg.phase}", dynamic_ncols=True, disable=not master) as bar:
+        while step < train_cfg.steps:
+            lr = get_lr(step, train_cfg)
             for opt in (opt_g, opt_d):
                 for group in opt.param_groups:
                     group["lr"] = lr
@@ -289,34 +290,34 @@ def main(argv=None):
             # G: the micro-steps add up the gradient of the global batch, each loss divided by their
             # number. DDP all-reduces only in the last micro-step's backward: the official way is the
             # no_sync() context manager, which only toggles this flag (nanoGPT does the same).
-            gan_w = S.gan_weight_at(step, lc) if not mc.feature_dim else 0.0
+            gan_w = seqgan.gan_weight_at(step, loss_cfg) if not model_cfg.feature_dim else 0.0
             opt_g.zero_grad(set_to_none=True)
             xs, x_hats = [], []
             for micro in micro_steps:
-                x = S.to_input(next(data)[0], device, mc.image_size)
+                x = seqgan.to_input(next(data)[0], device, model_cfg.image_size)
                 if ddp:
-                    g_model.require_backward_grad_sync = micro == micro_steps[-1]
+                    model.require_backward_grad_sync = micro == micro_steps[-1]
                 with ctx:
-                    x_hat, idx, q = g_model(x)
-                    loss, terms = S.tokenizer_loss(x, x_hat, q, lc, tc.phase, gan_w, g_disc, perceptual,
-                                                   vqkd=bool(mc.feature_dim))
-                (loss / tc.grad_accum).backward()
+                    x_hat, idx, q = model(x)
+                    loss, terms = seqgan.tokenizer_loss(x, x_hat, q, loss_cfg, train_cfg.phase, gan_w, disc, perceptual,
+                                                   vqkd=bool(model_cfg.feature_dim))
+                (loss / train_cfg.grad_accum).backward()
                 for k, v in terms.items():  # detached running sums on the device: no host sync
-                    acc[k] = acc.get(k, 0) + v.detach().float() / tc.grad_accum
-                S.count_codes(counts, idx)
+                    acc[k] = acc.get(k, 0) + v.detach().float() / train_cfg.grad_accum
+                seqgan.count_codes(counts, idx)
                 xs.append(x)
                 x_hats.append(x_hat.detach())
             opt_g.step()
 
             # D, on the same micro-batches and the detached reconstructions
             d, r1 = zero, zero
-            if step >= lc.gan_start and not mc.feature_dim:
+            if step >= loss_cfg.gan_start and not model_cfg.feature_dim:
                 opt_d.zero_grad(set_to_none=True)
                 for micro in micro_steps:
                     if ddp:
-                        d_disc.require_backward_grad_sync = micro == micro_steps[-1]
-                    d_m, r1_m = S.d_backward(d_disc, xs[micro], x_hats[micro], lc, step, 1 / tc.grad_accum)
-                    d, r1 = d + d_m / tc.grad_accum, r1 + r1_m / tc.grad_accum
+                        disc.require_backward_grad_sync = micro == micro_steps[-1]
+                    d_m, r1_m = seqgan.d_backward(disc, xs[micro], x_hats[micro], loss_cfg, step, 1 / train_cfg.grad_accum)
+                    d, r1 = d + d_m / train_cfg.grad_accum, r1 + r1_m / train_cfg.grad_accum
                 opt_d.step()
 
             acc["d_loss"], acc["r1"] = acc.get("d_loss", 0) + d, acc.get("r1", 0) + r1
@@ -324,43 +325,43 @@ def main(argv=None):
             step += 1
             bar.update(1)
 
-            if step % tc.log_every == 0 or step == tc.steps:
+            if step % train_cfg.log_every == 0 or step == train_cfg.steps:
                 # the one sync and host read of the interval; every rank sees the same numbers, so a
                 # non-finite loss stops them all alike
-                vals = dict(zip(acc, (S.all_reduce_sum(torch.stack(list(acc.values()))) / (n_acc * world)).tolist()))
-                S.all_reduce_sum(counts)
+                vals = dict(zip(acc, (seqgan.all_reduce_sum(torch.stack(list(acc.values()))) / (n_acc * world)).tolist()))
+                seqgan.all_reduce_sum(counts)
                 if not all(map(torch.isfinite, torch.tensor(list(vals.values())))):
-                    raise S.SeqganError(f"non-finite loss at step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in vals.items())
-                                        + f"; lower --lr (now {tc.lr}) or check the data. Last good checkpoint: {ckpt_path}")
-                usage, ppl = S.codebook_usage(counts)
+                    raise seqgan.SeqganError(f"non-finite loss at step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in vals.items())
+                                        + f"; lower --lr (now {train_cfg.lr}) or check the data. Last good checkpoint: {ckpt_path}")
+                usage, ppl = seqgan.codebook_usage(counts)
                 ips = n_acc * global_batch / (time.time() - t0)
                 # Under DDP the entropy term (and its log) is of each rank's batch, averaged over the ranks:
                 # the quantizer's soft usage is a mean over the rank's own positions, not over the global batch.
                 log(f"step {step} | " + " ".join(f"{k} {v:.4f}" for k, v in vals.items())
-                    + f" | H/logK {vals['entropy'] / torch.log(torch.tensor(mc.n_codes)).item():.3f}"
+                    + f" | H/logK {vals['entropy'] / torch.log(torch.tensor(model_cfg.n_codes)).item():.3f}"
                     + f" | usage {usage.item():.3f} ppl {ppl.item():.1f} | gan_w {gan_w:.3f} lr {lr:.2e} | {ips:.1f} img/s")
                 bar.set_postfix(l1=f"{vals['l1']:.3f}", usage=f"{usage.item():.2f}", ips=f"{ips:.0f}")
                 acc = {}
                 counts.zero_()
                 n_acc, t0 = 0, time.time()
 
-            if master and (step % tc.eval_every == 0 or step == tc.steps):
+            if master and (step % train_cfg.eval_every == 0 or step == train_cfg.steps):
                 # rank 0 alone, on the plain model (no collective inside); the others go on and wait for it
                 # in the next step's gradient all-reduce
-                metrics, first = evaluate(model, val, tc, mc, device, ctx)
+                metrics, first = evaluate(raw_model, val, train_cfg, model_cfg, device, ctx)
                 log(f"eval step {step} | PSNR {metrics['psnr']:.2f} dB | usage {metrics['usage']:.3f} "
-                    f"({round(metrics['usage'] * mc.n_codes)}/{mc.n_codes} codes) | perplexity {metrics['perplexity']:.1f}")
+                    f"({round(metrics['usage'] * model_cfg.n_codes)}/{model_cfg.n_codes} codes) | perplexity {metrics['perplexity']:.1f}")
                 if metrics["usage"] < 0.1:
-                    log(f"warning: only {round(metrics['usage'] * mc.n_codes)}/{mc.n_codes} codes used; "
+                    log(f"warning: only {round(metrics['usage'] * model_cfg.n_codes)}/{model_cfg.n_codes} codes used; "
                         "raise --entropy-weight or lower --entropy-temp")
                 if first is not None:  # top row inputs, bottom row reconstructions
-                    torchvision.utils.save_image(torch.cat(first), os.path.join(tc.out, f"recon_{step:07d}.png"),
+                    torchvision.utils.save_image(torch.cat(first), os.path.join(train_cfg.out, f"recon_{step:07d}.png"),
                                                  nrow=len(first[0]), normalize=True, value_range=(-1, 1))
                 save()
                 t0 = time.time()
     log(f"done: {ckpt_path}")
-    S.teardown()
+    seqgan.teardown()
 
 
 if __name__ == "__main__":
-    S.cli(main)
+    seqgan.cli(main)
