@@ -34,7 +34,7 @@ class BenchConfig:
     batch_size: int = option(256, "images per tokenizer training step")
     prior_batch_size: int = option(64, "token grids per prior training step")
     sample_batch: int = option(256, "images per sampling call")
-    maskgit_steps: int = option(12, "MaskGIT decoding steps")
+    maskgit_steps: int = option(seqgan.NAR_STEPS, "MaskGIT decoding steps")
     fid_batch: int = option(500, "images per FID feature batch")
     warmup: int = option(5, "untimed iterations first (compilation, cudnn autotuning)")
     iters: int = option(20, "timed iterations (sampling stages: a quarter, at least 1)")
@@ -145,9 +145,9 @@ def sample_stage(bench_cfg, causal, device, compiled):
     def run():
         with ctx:
             if causal:
-                idx = seqgan.generate_ar(model, bench_cfg.sample_batch, y, top_p=0.98)
+                idx = seqgan.generate_ar(model, bench_cfg.sample_batch, y, top_p=seqgan.AR_TOP_P)
             else:
-                idx = seqgan.generate_maskgit(model, bench_cfg.sample_batch, y, steps=bench_cfg.maskgit_steps, temperature=0.65)
+                idx = seqgan.generate_maskgit(model, bench_cfg.sample_batch, y, steps=bench_cfg.maskgit_steps, temperature=seqgan.NAR_TEMPERATURE)
             decode(idx.view(-1, side, side))
 
     dt, mem = timed(run, min(bench_cfg.warmup, 2), max(1, bench_cfg.iters // 4), device)

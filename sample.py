@@ -34,12 +34,12 @@ class SampleConfig:
     out: str = option("", "output folder; default: samples/ (or visualize/) beside the prior's ckpt.pt")
     n: int = option(64, "images to generate (--visualize: input images to show, at most)")
     batch_size: int = option(64, "images per batch (per GPU); image i draws from its own generator seeded by (seed, i)")
-    temperature: float = option(0.0, "temperature of the token logits; 0 = paper: 1.0 AR, 0.65 NAR (0.45 on ImageNet: "
-                                   "Table 10's NAR sampling temperature, read as the logits'; see README)")
+    temperature: float = option(None, "temperature of the token logits (default: the paper's, 1.0 AR, 0.65 NAR; 0.45 "
+                                      "on ImageNet: Table 10's NAR sampling temperature, read as the logits'; see README)")
     top_k: int = option(0, "AR only: keep the k most likely tokens (0 = all)")
-    top_p: float = option(0.0, "AR only: nucleus mass; 0 = paper: 0.98 (0.92 on ImageNet)")
-    steps: int = option(12, "NAR only: MaskGIT decoding steps")
-    choice_temperature: float = option(4.5, "NAR only: MaskGIT's choice temperature, the scale of the Gumbel noise "
+    top_p: float = option(None, "AR only: nucleus mass (default: the paper's, 0.98; 0.92 on ImageNet)")
+    steps: int = option(seqgan.NAR_STEPS, "NAR only: MaskGIT decoding steps")
+    choice_temperature: float = option(seqgan.CHOICE_TEMPERATURE, "NAR only: MaskGIT's choice temperature, the scale of the Gumbel noise "
                                           "on confidences, annealed to 0 (MaskGIT's 4.5)")
     seed: int = option(0, "random seed")
     device: str = option("auto", "auto (CUDA if present), cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)")
@@ -77,15 +77,17 @@ def check_settings(cfg, given, pcfg, label):
         raise seqgan.SeqganError(f"--class {label} is out of range: {cfg.prior} knows classes 0..{pcfg.n_classes - 1}")
     if cfg.n < 1 or cfg.batch_size < 1:
         raise seqgan.SeqganError("--n and --batch-size must be at least 1")
-    if cfg.temperature < 0 or cfg.choice_temperature < 0 or not 0 <= cfg.top_p <= 1 or cfg.top_k < 0:
+    temperature = cfg.temperature if cfg.temperature is not None else (
+        seqgan.AR_TEMPERATURE if pcfg.causal else seqgan.NAR_TEMPERATURE)
+    top_p = cfg.top_p if cfg.top_p is not None else seqgan.AR_TOP_P
+    if temperature < 0 or cfg.choice_temperature < 0 or not 0 <= top_p <= 1 or cfg.top_k < 0:
         raise seqgan.SeqganError("--temperature, --choice-temperature and --top-k must be >= 0, --top-p in (0, 1]")
     if not pcfg.causal and not 1 <= cfg.steps <= pcfg.grid:
         raise seqgan.SeqganError(f"--steps {cfg.steps}: MaskGIT reveals at least one token per step, so it needs "
                             f"1 to {pcfg.grid} steps (the number of tokens)")
     if pcfg.causal:
-        return dict(temperature=cfg.temperature or 1.0, top_k=cfg.top_k, top_p=cfg.top_p or 0.98,
-                    steps=None, choice_temperature=None)
-    return dict(temperature=cfg.temperature or 0.65, top_k=None, top_p=None, steps=cfg.steps,
+        return dict(temperature=temperature, top_k=cfg.top_k, top_p=top_p, steps=None, choice_temperature=None)
+    return dict(temperature=temperature, top_k=None, top_p=None, steps=cfg.steps,
                 choice_temperature=cfg.choice_temperature)
 
 

@@ -60,9 +60,10 @@ class SeqganError(Exception):
     """A user-facing problem (bad flag, missing file): printed as one line, no traceback."""
 
 
-def option(default, help):
-    """A config field (a command-line option) with its default and its --help text."""
-    return field(default=default, metadata={"help": help})
+def option(default, help, flag=True):
+    """A config field with its default and its --help text; a command-line option unless flag=False (a
+    field the scripts derive from others). default None: the script resolves it (the --help says how)."""
+    return field(default=default, metadata={"help": help, "flag": flag})
 
 
 # -----------------------------------------------------------------------------
@@ -103,8 +104,10 @@ class TokenizerConfig:
     mask_ratio: float = option(0.0, "Reg-VQ stochastic mask: fraction m of positions quantized by sampling "
                                   "(regvq default 0.4)")
     cosine_codebook: bool = option(False, "l2-normalised codebook, cosine lookup (vqkd default on)")
-    feature_dim: int = option(0, "VQ-KD phase 1: decode to this many teacher channels instead of pixels (0 = pixels)")
-    dec_attn: bool = option(False, "decoder with block-regional + dilated attention (phase 2 turns it on)")
+    # derived, not flags: train_tokenizer.py sets them from --objective and --phase
+    feature_dim: int = option(0, "VQ-KD phase 1: decode to this many teacher channels instead of pixels (0 = pixels)",
+                              flag=False)
+    dec_attn: bool = option(False, "decoder with block-regional + dilated attention (phase 2 turns it on)", flag=False)
     attn_heads: int = option(8, "attention heads in the phase-2 decoder (even: half regional, half dilated)")
     attn_block: int = option(4, "block size P of the phase-2 attention")
 
@@ -146,6 +149,12 @@ class LossConfig:
     pcl_weight: float = option(0.0, "Reg-VQ probabilistic contrastive loss weight (regvq default 0.1; ours)")
     pcl_temp: float = option(0.1, "temperature of the PCL InfoNCE (ours; the paper's is not reproduced here)")
     teacher_layer: str = option("relu5_3", "VQ-KD teacher: the VGG16 tap whose map phase 1 reconstructs")
+
+    def __post_init__(self):
+        if not 0 <= self.alpha <= 1:
+            raise SeqganError(f"--alpha {self.alpha} is outside [0, 1]")
+        if self.teacher_layer not in VGG_CHANNELS:
+            raise SeqganError(f"--teacher-layer {self.teacher_layer}: choose from {', '.join(VGG_CHANNELS)}")
 
 
 # Named presets are just field overrides; flags given on the command line win.
@@ -991,6 +1000,14 @@ def prior_loss(model, cfg, idx, y=None, generator=None):
 # samplers: AR with a KV cache, MaskGIT iterative decoding, the Fig. 4 visualization
 
 
+# The paper's sampling settings (Table 10), defined once for sample.py, train_prior.py's sample grids and
+# bench.py: AR nucleus top-p 0.98 (0.92 on ImageNet) at temperature 1; NAR (MaskGIT) temperature 0.65
+# (0.45 on ImageNet; read as the logits' temperature, see generate_maskgit), 12 decoding steps, and
+# MaskGIT's choice temperature 4.5.
+AR_TOP_P, AR_TOP_P_IMAGENET, AR_TEMPERATURE = 0.98, 0.92, 1.0
+NAR_TEMPERATURE, NAR_TEMPERATURE_IMAGENET, NAR_STEPS, CHOICE_TEMPERATURE = 0.65, 0.45, 12, 4.5
+
+
 def top_k_filter(logits, k):
     """Keep the k largest logits of each row (ties with the k-th are kept too), -inf elsewhere; k=0 keeps all."""
     if k <= 0 or k >= logits.size(-1):
@@ -1086,7 +1103,7 @@ def maskgit_schedule(n_tokens, steps):
 
 
 @torch.no_grad()
-def generate_maskgit(model, n, y=None, steps=12, temperature=1.0, choice_temperature=4.5,
+def generate_maskgit(model, n, y=None, steps=NAR_STEPS, temperature=1.0, choice_temperature=CHOICE_TEMPERATURE,
                      generator=None, on_step=None):
     """Sample n token grids (n, grid) with MaskGIT iterative decoding; call model.eval() first.
 
@@ -1207,16 +1224,19 @@ def add_config_args(parser, *config_classes, defaults=None):
     for cls in config_classes:
         group = parser.add_argument_group(cls.__name__)
         for f in fields(cls):
+            if not f.metadata.get("flag", True):
+                continue
             default = defaults.get(f.name, f.default)
             flag = "--" + f.name.replace("_", "-")
-            help = f"{f.metadata['help']} (default: {default})"
+            help = f.metadata["help"] + ("" if default is None else f" (default: {default})")
             if isinstance(f.default, bool):
                 group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help)
             elif isinstance(f.default, tuple):
                 group.add_argument(flag, type=lambda s: tuple(int(v) for v in s.split(",")),
                                    default=argparse.SUPPRESS, metavar="A,B,..", help=help)
             else:
-                group.add_argument(flag, type=type(f.default), default=argparse.SUPPRESS, help=help)
+                kind = f.type if f.default is None else type(f.default)  # None: the annotation says the type
+                group.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help)
 
 
 def config_from_args(cls, args, defaults=None):

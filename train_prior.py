@@ -49,11 +49,11 @@ class TrainConfig:
                                 "x processes")
     grad_accum: int = option(1, "micro-steps (gradient accumulation) per optimizer step")
     lr: float = option(1e-4, "AdamW peak learning rate (Table 10: 1e-4), held until the decay starts")
-    lr_decay_start: int = option(-1, "step at which the lr starts to decay to --end-lr, reaching it at --steps: "
-                                   "AR exponentially, NAR linearly; -1 = Table 10's: 80000 (AR), 50000 (NAR). "
+    lr_decay_start: int = option(None, "step at which the lr starts to decay to --end-lr, reaching it at --steps: "
+                                     "AR exponentially, NAR linearly (default: Table 10's, 80000 AR, 50000 NAR). "
                                    "If it is not below --steps (e.g. a short run), the decay starts at half "
                                    "of --steps instead")
-    end_lr: float = option(-1.0, "lr reached at --steps; -1 = Table 10's: 5e-6 (AR), 0 (NAR); equal to --lr: "
+    end_lr: float = option(None, "lr reached at --steps (default: Table 10's, 5e-6 AR, 0 NAR); equal to --lr: "
                                "constant")
     weight_decay: float = option(1e-2, "AdamW weight decay on matrices (paper: 1e-2); biases and norms get none")
     grad_clip: float = option(1.0, "clip the global gradient norm (0 = off)")
@@ -78,8 +78,6 @@ SHAPE = ("n_layer", "n_head", "n_embd", "dropout")
 MODEL_FLAGS = ("model", "preset", "uncond") + SHAPE
 # TokenizerConfig fields that shape only the decoder (phase 2 changes them), so not the tokens.
 DECODER_FIELDS = ("dec_attn", "attn_heads", "attn_block", "feature_dim")
-# The periodic sample grid uses the paper's sampling settings (sample.py's defaults).
-AR_TOP_P, NAR_TEMPERATURE, NAR_STEPS = 0.98, 0.65, 12
 # Table 10's learning-rate decay (start step, end lr): AR exponential to 5e-6 from iteration 80,000, NAR
 # linear to 0 from iteration 50,000 (of 1.5M iterations on ImageNet, 500k elsewhere).
 LR_DECAY = dict(ar=(80_000, 5e-6), nar=(50_000, 0.0))
@@ -126,11 +124,11 @@ def configure(args):
         raise seqgan.SeqganError("--steps, --batch-size, --grad-accum and --eval-batches must be at least 1")
     if shape.n_embd % shape.n_head:
         raise seqgan.SeqganError(f"--n-embd {shape.n_embd} is not divisible by --n-head {shape.n_head}")
-    start, end_lr = LR_DECAY[train_cfg.model]  # -1: Table 10's value for this --model
-    train_cfg = replace(train_cfg, lr_decay_start=start if train_cfg.lr_decay_start == -1 else train_cfg.lr_decay_start,
-                 end_lr=end_lr if train_cfg.end_lr == -1 else train_cfg.end_lr)
+    start, end_lr = LR_DECAY[train_cfg.model]  # Table 10's, where the flags leave them out
+    train_cfg = replace(train_cfg, lr_decay_start=start if train_cfg.lr_decay_start is None else train_cfg.lr_decay_start,
+                        end_lr=end_lr if train_cfg.end_lr is None else train_cfg.end_lr)
     if train_cfg.lr_decay_start < 0:
-        raise seqgan.SeqganError(f"--lr-decay-start {train_cfg.lr_decay_start} is negative (-1 = Table 10's)")
+        raise seqgan.SeqganError(f"--lr-decay-start {train_cfg.lr_decay_start} is negative")
     if not (0 < train_cfg.end_lr if train_cfg.model == "ar" else 0 <= train_cfg.end_lr) or train_cfg.end_lr > train_cfg.lr:
         raise seqgan.SeqganError(f"--end-lr {train_cfg.end_lr} must lie in {'(' if train_cfg.model == 'ar' else '['}0, --lr {train_cfg.lr}]"
                             + (": the AR prior's decay is exponential, so it cannot reach 0" if train_cfg.model == "ar" else ""))
@@ -263,9 +261,9 @@ def save_samples(model, tok, train_cfg, path, ctx):
     model.eval()
     with ctx:
         if cfg.causal:
-            idx = seqgan.generate_ar(model, n, y, top_p=AR_TOP_P, generator=g)
+            idx = seqgan.generate_ar(model, n, y, top_p=seqgan.AR_TOP_P, generator=g)
         else:
-            idx = seqgan.generate_maskgit(model, n, y, steps=min(NAR_STEPS, cfg.grid), temperature=NAR_TEMPERATURE, generator=g)
+            idx = seqgan.generate_maskgit(model, n, y, steps=min(seqgan.NAR_STEPS, cfg.grid), temperature=seqgan.NAR_TEMPERATURE, generator=g)
         x = tok.decode_indices(idx.view(n, tok.cfg.grid, tok.cfg.grid)).float()
     model.train()
     torchvision.utils.save_image(x, path, nrow=nrow, normalize=True, value_range=(-1, 1))

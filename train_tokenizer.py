@@ -40,7 +40,8 @@ class TrainConfig:
     steps: int = option(50000, "total training steps")
     batch_size: int = option(64, "images per micro-step and GPU; the global batch is batch_size x grad_accum x processes")
     grad_accum: int = option(1, "micro-steps (gradient accumulation) per optimizer step")
-    lr: float = option(0.0, "learning rate; 0 = the paper's: 1e-4 cosine to 5e-5 (phase 1), 5e-5 constant (phase 2)")
+    lr: float = option(None, "learning rate (default: the paper's, 1e-4 cosine to 5e-5 in phase 1, 5e-5 constant "
+                             "in phase 2)")
     device: str = option("auto", "auto (CUDA if present), cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)")
     backend: str = option("auto", "torch.distributed backend under torchrun: auto (nccl on GPUs, gloo on CPU), "
                                 "nccl or gloo")
@@ -54,13 +55,32 @@ class TrainConfig:
     eval_images: int = option(1000, "held-out images per evaluation (the test split; for a folder, its first images)")
     seed: int = option(0, "random seed")
 
+    def __post_init__(self):
+        if self.phase not in (1, 2):
+            raise seqgan.SeqganError(f"--phase must be 1 or 2, not {self.phase}")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise seqgan.SeqganError("--batch-size and --grad-accum must be at least 1")
+
 
 # torch.compile's backend for --compile. The tests set "aot_eager" (the same AOTAutograd graphs, so the
 # same double-backward limit that R1 must avoid, compiled in seconds instead of minutes on a CPU).
 COMPILE_BACKEND = "inductor"
 
+# The paper's learning rates: phase 1 cosine from 1e-4 to 5e-5, phase 2 constant 5e-5.
+PAPER_LR = {1: 1e-4, 2: 5e-5}
+
 # Phase 2 (section 3.3): alpha = 0, the discriminator carries on from phase 1 without a new warm-up gap.
 PHASE2_DEFAULTS = dict(out="out/tokenizer2", alpha=0.0, gan_start=0, steps=20000)
+# What phase 2 takes from the phase-1 checkpoint: its data and batch, the tokenizer's shape (the encoder
+# and codebook are phase 1's), the loss weights and D. Every other field (out, steps, lr, device,
+# compile, the Reg-VQ mask and PCL: a deterministic quantizer) takes its phase-2 or dataclass default.
+PHASE2_INHERITS = (
+    "data", "data_root", "preset", "batch_size", "grad_accum", "vgg_weights", "num_workers", "log_every",
+    "eval_every", "eval_images", "seed",
+    "image_size", "channels", "ch_mult", "n_res", "n_res_lowest", "n_codes", "code_dim", "beta", "entropy_weight",
+    "entropy_temp", "objective", "cosine_codebook", "attn_heads", "attn_block",
+    "l1_weight", "perceptual_weight", "perceptual_norm", "perceptual_size", "gan_weight", "gan_warmup", "r1_gamma",
+    "r1_every", "disc_channels", "disc_max_channels", "pcl_temp", "teacher_layer")
 
 
 def parse(argv):
@@ -71,11 +91,10 @@ def parse(argv):
 
 def configure(args):
     """Resolve (train, model, loss) configs. Each field comes from, in rising priority: the dataclass
-    default, the preset, the phase-2 defaults or the checkpoint being continued, the command line."""
+    default, the preset and the objective's overrides (phase 2: the fields it inherits from phase 1 and
+    its own defaults; --resume: the checkpoint), the command line. Then the derived fields."""
     given = vars(args)
     phase, preset = given.get("phase", 1), given.get("preset", "classroom")
-    if phase not in (1, 2):
-        raise seqgan.SeqganError(f"--phase must be 1 or 2, not {phase}")
     if preset not in seqgan.PRESETS:
         raise seqgan.SeqganError(f"unknown --preset {preset}; choose from {', '.join(seqgan.PRESETS)}")
     objective = given.get("objective", "seqgan")
@@ -91,43 +110,43 @@ def configure(args):
         for name, saved in {**ckpt["model_config"], **ckpt["loss_config"]}.items():
             if name in given and given[name] != saved:
                 raise seqgan.SeqganError(f"{ckpt_path} was trained with --{name.replace('_', '-')} {saved}, not "
-                                    f"{given[name]}; drop the flag or start a new --out")
+                                         f"{given[name]}; drop the flag or start a new --out")
         defaults = {**ckpt["train_config"], **ckpt["model_config"], **ckpt["loss_config"]}
     elif os.path.exists(ckpt_path):
         raise seqgan.SeqganError(f"{ckpt_path} exists; pass --resume to continue it or choose another --out")
     elif phase == 2:
-        if not given.get("init"):
-            raise seqgan.SeqganError("phase 2 needs --init PHASE1_CKPT (the ckpt.pt of a phase-1 run)")
-        init = seqgan.load_checkpoint(given["init"], "tokenizer")
-        if init["phase"] != 1:
-            raise seqgan.SeqganError(f"--init {given['init']} is a phase-{init['phase']} checkpoint; phase 2 starts from phase 1")
-        for name, saved in init["model_config"].items():
-            if name in given and given[name] != saved and name not in ("attn_heads", "attn_block", "mask_ratio"):
-                raise seqgan.SeqganError(f"--init {given['init']} has --{name.replace('_', '-')} {saved}, not {given[name]}; "
-                                    "phase 2 keeps the phase-1 encoder and codebook")
-        # phase 2 inherits data, model and D from phase 1; it trains a fresh run with its own defaults,
-        # a deterministic quantizer, and a pixel decoder (VQ-KD: from scratch, so D warms up again)
-        defaults = {**init["train_config"], **init["model_config"], **init["loss_config"], **PHASE2_DEFAULTS,
-                    "dec_attn": True, "lr": 0.0, "device": "auto", "backend": "auto", "compile": False,
-                    "mask_ratio": 0.0, "pcl_weight": 0.0, "feature_dim": 0}
-        if init["model_config"]["feature_dim"]:
-            defaults["gan_start"] = init["loss_config"]["gan_start"]
-    train_cfg, model_cfg, loss_cfg = (seqgan.config_from_args(c, args, defaults) for c in (TrainConfig, seqgan.TokenizerConfig, seqgan.LossConfig))
-    if train_cfg.batch_size < 1 or train_cfg.grad_accum < 1:
-        raise seqgan.SeqganError("--batch-size and --grad-accum must be at least 1")
+        init = load_phase1(given)
+        saved = {**init["train_config"], **init["model_config"], **init["loss_config"]}
+        defaults = {**{name: saved[name] for name in PHASE2_INHERITS}, **PHASE2_DEFAULTS}
+        if init["model_config"]["feature_dim"]:  # VQ-KD: the pixel decoder and D start from scratch, D warms up
+            defaults["gan_start"] = saved["gan_start"]
+    train_cfg, model_cfg, loss_cfg = (seqgan.config_from_args(c, args, defaults)
+                                      for c in (TrainConfig, seqgan.TokenizerConfig, seqgan.LossConfig))
     if train_cfg.phase == 1 and train_cfg.init:
         raise seqgan.SeqganError("--init is for phase 2 (a phase-1 checkpoint to fine-tune); drop it")
-    if not 0 <= loss_cfg.alpha <= 1:
-        raise seqgan.SeqganError(f"--alpha {loss_cfg.alpha} is outside [0, 1]")
     if train_cfg.phase == 2 and loss_cfg.alpha != 0:
         raise seqgan.SeqganError("phase 2 fine-tunes the decoder with alpha = 0 (section 3.3); drop --alpha")
-    if loss_cfg.teacher_layer not in seqgan.VGG_CHANNELS:
-        raise seqgan.SeqganError(f"--teacher-layer {loss_cfg.teacher_layer}: choose from {', '.join(seqgan.VGG_CHANNELS)}")
-    if model_cfg.objective == "vqkd" and train_cfg.phase == 1 and not train_cfg.resume:
-        model_cfg = replace(model_cfg, feature_dim=seqgan.VGG_CHANNELS[loss_cfg.teacher_layer])  # phase 1 decodes teacher features
-    if train_cfg.lr == 0:
-        train_cfg = replace(train_cfg, lr=1e-4 if train_cfg.phase == 1 else 5e-5)
+    # derived: phase 2 has the attention decoder; VQ-KD's phase 1 decodes the teacher's features
+    vqkd_features = model_cfg.objective == "vqkd" and train_cfg.phase == 1
+    model_cfg = replace(model_cfg, dec_attn=train_cfg.phase == 2,
+                        feature_dim=seqgan.VGG_CHANNELS[loss_cfg.teacher_layer] if vqkd_features else 0)
+    if train_cfg.lr is None:
+        train_cfg = replace(train_cfg, lr=PAPER_LR[train_cfg.phase])
     return train_cfg, model_cfg, loss_cfg, ckpt, init
+
+
+def load_phase1(given):
+    """Phase 2's --init: a phase-1 checkpoint whose encoder and codebook the flags do not contradict."""
+    if not given.get("init"):
+        raise seqgan.SeqganError("phase 2 needs --init PHASE1_CKPT (the ckpt.pt of a phase-1 run)")
+    init = seqgan.load_checkpoint(given["init"], "tokenizer")
+    if init["phase"] != 1:
+        raise seqgan.SeqganError(f"--init {given['init']} is a phase-{init['phase']} checkpoint; phase 2 starts from phase 1")
+    for name, saved in init["model_config"].items():
+        if name in given and given[name] != saved and name not in ("attn_heads", "attn_block", "mask_ratio"):
+            raise seqgan.SeqganError(f"--init {given['init']} has --{name.replace('_', '-')} {saved}, not {given[name]}; "
+                                     "phase 2 keeps the phase-1 encoder and codebook")
+    return init
 
 
 def get_lr(step, train_cfg):
