@@ -51,6 +51,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from PIL import Image
+from tqdm import tqdm
 
 
 # -----------------------------------------------------------------------------
@@ -1247,8 +1248,9 @@ def config_from_args(cls, args, defaults=None):
     return cls(**kw)
 
 
-def count_params(module):
-    return sum(p.numel() for p in module.parameters())
+def count_params(module, trainable=False):
+    """Parameters of a module; trainable=True: only those that require grad."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable)
 
 
 # -----------------------------------------------------------------------------
@@ -1512,20 +1514,23 @@ def clean_state_dict(sd):
     return {prefix.sub("", k): v for k, v in sd.items()}
 
 
-def tokenizer_from_checkpoint(ckpt):
-    """Rebuild a Tokenizer from a checkpoint dict (config + weights)."""
+def model_from_checkpoint(ckpt):
+    """Rebuild a checkpoint's model, a Tokenizer or a Prior (by ckpt["kind"]), from its config and weights:
+    the one rebuild path of sample.py, train_prior.py and fid.py."""
+    model_cls, config_cls = dict(tokenizer=(Tokenizer, TokenizerConfig), prior=(Prior, PriorConfig))[ckpt["kind"]]
     try:
-        tok = Tokenizer(TokenizerConfig(**ckpt["model_config"]))
-        tok.load_state_dict(clean_state_dict(ckpt["model"]))
+        model = model_cls(config_cls(**ckpt["model_config"]))
+        model.load_state_dict(clean_state_dict(ckpt["model"]))
     except (TypeError, KeyError, RuntimeError) as e:
-        raise SeqganError(f"tokenizer checkpoint does not match this code's Tokenizer ({str(e).splitlines()[0]})") from None
-    return tok
+        raise SeqganError(f"{ckpt['kind']} checkpoint does not match this code's {model_cls.__name__} "
+                          f"({str(e).splitlines()[0]})") from None
+    return model
 
 
 def load_tokenizer(path, device="cpu", ckpt=None):
     """A trained tokenizer with a pixel decoder, frozen and in eval mode, for priors, sampling, evaluation.
     ckpt: the checkpoint dict at path if the caller has already loaded it (it is read only once)."""
-    tok = tokenizer_from_checkpoint(ckpt if ckpt is not None else load_checkpoint(path, "tokenizer"))
+    tok = model_from_checkpoint(ckpt if ckpt is not None else load_checkpoint(path, "tokenizer"))
     if tok.cfg.feature_dim:
         raise SeqganError(f"{path} is a VQ-KD phase-1 tokenizer: it has no pixel decoder yet; run "
                           f"train_tokenizer.py --phase 2 --init {path} first")
@@ -1533,10 +1538,53 @@ def load_tokenizer(path, device="cpu", ckpt=None):
 
 
 def load_prior(ckpt):
-    """Rebuild a Prior from its checkpoint dict (config + weights), frozen and in eval mode."""
-    try:
-        model = Prior(PriorConfig(**ckpt["model_config"]))
-        model.load_state_dict(clean_state_dict(ckpt["model"]))
-    except (TypeError, KeyError, RuntimeError) as e:
-        raise SeqganError(f"prior checkpoint does not match this code's Prior ({str(e).splitlines()[0]})") from None
-    return model.eval().requires_grad_(False)
+    """Rebuild a Prior from its checkpoint dict, frozen and in eval mode."""
+    return model_from_checkpoint(ckpt).eval().requires_grad_(False)
+
+
+# -----------------------------------------------------------------------------
+# training runs: the log both trainers write, and the running means it reports
+
+def run_log(out, master):
+    """The trainers' log function: on rank 0 each line goes above the progress bar and into OUT/log.txt;
+    the other ranks write nothing."""
+    path = os.path.join(out, "log.txt")
+    if master:
+        os.makedirs(out, exist_ok=True)
+
+    def log(line):
+        if master:
+            tqdm.write(line)
+            with open(path, "a") as f:
+                f.write(line + "\n")
+    return log
+
+
+def log_start(log, header, ckpt, train_cfg, world):
+    """The first lines of a run: what it trains, a warning if a resumed run's global batch changed."""
+    log(header)
+    warning = batch_change_warning(ckpt, train_cfg.batch_size, train_cfg.grad_accum, world) if ckpt is not None else None
+    if warning:
+        log(warning)
+
+
+class RunningMeans:
+    """Named running sums of detached scalars, kept on the device and read back, averaged over the steps
+    and the ranks, once per log interval: the interval's one host sync. Every rank reads the same
+    numbers, so a non-finite loss stops them all alike."""
+
+    def __init__(self):
+        self.sums, self.steps = {}, 0
+
+    def add(self, terms, scale=1.0):
+        for name, value in terms.items():
+            self.sums[name] = self.sums.get(name, 0) + value.detach().float() * scale
+
+    def read(self, world, step, lr, ckpt_path):
+        means = (all_reduce_sum(torch.stack(list(self.sums.values()))) / (self.steps * world)).tolist()
+        values = dict(zip(self.sums, means))
+        self.sums, self.steps = {}, 0
+        if not all(map(math.isfinite, means)):
+            raise SeqganError(f"non-finite loss at step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+                              + f"; lower --lr (now {lr}) or check the data. Last good checkpoint: {ckpt_path}")
+        return values

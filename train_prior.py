@@ -269,63 +269,40 @@ def save_samples(model, tok, train_cfg, path, ctx):
     torchvision.utils.save_image(x, path, nrow=nrow, normalize=True, value_range=(-1, 1))
 
 
-def main(argv=None):
-    train_cfg, shape, ckpt, tok_ckpt = configure(parse(argv))  # every rank: the checks, and the checkpoint it resumes
-    ddp, rank, _, world, device = seqgan.setup_distributed(train_cfg.device, train_cfg.backend)
-    master = rank == 0  # logs, evaluates, writes samples and checkpoints; the others only train
-    step = ckpt["step"] if ckpt is not None else 0
-    # Dropout and NAR masks differ after a resume and across ranks (each rank masks its own rows);
-    # the ranks' different initial weights do not matter: DDP copies rank 0's to all at the wrap.
-    torch.manual_seed(train_cfg.seed * 1_000_003 + step + rank)
-    ctx = seqgan.autocast(device)
+def check_resume(ckpt, cfg, train_cfg, tok_hash):
+    """A resumed prior must keep its tokenizer's codes and its data's classes."""
+    saved = seqgan.PriorConfig(**ckpt["model_config"])
+    if (saved.n_codes, saved.grid) != (cfg.n_codes, cfg.grid):
+        raise seqgan.SeqganError(f"tokenizer {train_cfg.tokenizer} has {cfg.n_codes} codes and {cfg.grid} tokens per image, "
+                                 f"but the prior was trained on {saved.n_codes} codes and {saved.grid} tokens")
+    if saved.n_classes != cfg.n_classes:
+        raise seqgan.SeqganError(f"--data {train_cfg.data} gives {cfg.n_classes} classes, but the prior was trained with "
+                                 f"{saved.n_classes}; resume it on the same data")
+    if ckpt["tokenizer_hash"] != tok_hash:
+        raise seqgan.SeqganError(f"tokenizer {train_cfg.tokenizer} changed since the prior was trained (other encoder or "
+                                 "codebook weights); start a new --out")
 
-    tok = seqgan.load_tokenizer(train_cfg.tokenizer, device, ckpt=tok_ckpt)  # frozen, eval mode, and refuses one without a pixel decoder
-    train_ds, val_ds, n_classes = split(train_cfg, tok.cfg.image_size)
-    cfg = replace(shape, n_codes=tok.cfg.n_codes, grid=tok.cfg.grid ** 2, n_classes=0 if train_cfg.uncond else n_classes,
-                  causal=train_cfg.model == "ar")
-    tok_hash = tokenizer_hash(tok_ckpt)
-    if ckpt is not None:
-        saved = seqgan.PriorConfig(**ckpt["model_config"])
-        if (saved.n_codes, saved.grid) != (cfg.n_codes, cfg.grid):
-            raise seqgan.SeqganError(f"tokenizer {train_cfg.tokenizer} has {cfg.n_codes} codes and {cfg.grid} tokens per image, but "
-                                f"the prior was trained on {saved.n_codes} codes and {saved.grid} tokens")
-        if saved.n_classes != cfg.n_classes:
-            raise seqgan.SeqganError(f"--data {train_cfg.data} gives {cfg.n_classes} classes, but the prior was trained with "
-                                f"{saved.n_classes}; resume it on the same data")
-        if ckpt["tokenizer_hash"] != tok_hash:
-            raise seqgan.SeqganError(f"tokenizer {train_cfg.tokenizer} changed since the prior was trained (other encoder or "
-                                "codebook weights); start a new --out")
-    global_batch = train_cfg.batch_size * train_cfg.grad_accum * world  # grids per optimizer step, over all ranks
-    if len(train_ds) < global_batch:
-        raise seqgan.SeqganError(f"{train_cfg.data} has {len(train_ds)} training images, fewer than --batch-size {train_cfg.batch_size}"
-                            + (f" x {train_cfg.grad_accum * world} (micro-steps x processes)" if global_batch > train_cfg.batch_size else ""))
 
-    ckpt_path, log_path = os.path.join(train_cfg.out, "ckpt.pt"), os.path.join(train_cfg.out, "log.txt")
-    if master:
-        os.makedirs(train_cfg.out, exist_ok=True)
-
-    def log(line):
-        if master:
-            tqdm.write(line)
-            with open(log_path, "a") as f:
-                f.write(line + "\n")
-
+def token_set(tok, train_ds, val_ds, tok_hash, train_cfg, device, master, log):
+    """The data as code grids, on the device: (train, train labels, val, val labels). The cache is built
+    once, by rank 0; the others wait at the barrier, then read what it wrote."""
     def build():
         train, train_y = tokenize(tok, train_ds, train_cfg, device, "tokenizing train")
         val, val_y = tokenize(tok, val_ds, train_cfg, device, "tokenizing val")
         return dict(train=train, train_labels=train_y, val=val, val_labels=val_y)
 
     fingerprint = dict(tokenizer=tok_hash, data=data_fingerprint(train_ds, val_ds, train_cfg))
-    # The cache is built once, by rank 0; the others wait at the barrier, then read what it wrote.
     tokens = load_tokens(train_cfg.token_cache, fingerprint, build, log) if master else None
     seqgan.barrier()
     if not master:
         tokens = seqgan.load_checkpoint(train_cfg.token_cache, "tokens")
     # The whole token set lives on the device (CIFAR-10: 6 MB; ImageNet at 16x16: 0.7 GB) and each step
     # indexes a random batch out of it, as nanoGPT's get_batch does: no DataLoader in the loop.
-    train, train_y = tokens["train"].to(device), tokens["train_labels"].to(device)
-    val, val_y = tokens["val"].to(device), tokens["val_labels"].to(device)
+    return tuple(tokens[k].to(device) for k in ("train", "train_labels", "val", "val_labels"))
 
+
+def build(cfg, train_cfg, ckpt, device):
+    """The plain prior, AdamW and the best validation loss so far: fresh, or as the checkpoint left them."""
     raw_model = seqgan.Prior(cfg).to(device)
     # Weight decay on matrices (linear weights and embeddings) only, not on biases and LayerNorms (nanoGPT).
     decay = [p for p in raw_model.parameters() if p.dim() >= 2]
@@ -340,6 +317,35 @@ def main(argv=None):
         best_val = ckpt["best_val_loss"]
     for group, wd in zip(opt.param_groups, (train_cfg.weight_decay, 0.0)):  # flags win over the resumed optimizer's
         group["lr"], group["weight_decay"] = train_cfg.lr, wd
+    return raw_model, opt, best_val
+
+
+def main(argv=None):
+    train_cfg, shape, ckpt, tok_ckpt = configure(parse(argv))  # every rank: the checks, and the checkpoint it resumes
+    ddp, rank, _, world, device = seqgan.setup_distributed(train_cfg.device, train_cfg.backend)
+    master = rank == 0  # logs, evaluates, writes samples and checkpoints; the others only train
+    step = ckpt["step"] if ckpt is not None else 0
+    # Dropout and NAR masks differ after a resume and across ranks (each rank masks its own rows);
+    # the ranks' different initial weights do not matter: DDP copies rank 0's to all at the wrap.
+    torch.manual_seed(train_cfg.seed * 1_000_003 + step + rank)
+    ctx = seqgan.autocast(device)
+
+    tok = seqgan.load_tokenizer(train_cfg.tokenizer, device, ckpt=tok_ckpt)  # frozen, eval mode; needs a pixel decoder
+    train_ds, val_ds, n_classes = split(train_cfg, tok.cfg.image_size)
+    cfg = replace(shape, n_codes=tok.cfg.n_codes, grid=tok.cfg.grid ** 2, n_classes=0 if train_cfg.uncond else n_classes,
+                  causal=train_cfg.model == "ar")
+    tok_hash = tokenizer_hash(tok_ckpt)
+    if ckpt is not None:
+        check_resume(ckpt, cfg, train_cfg, tok_hash)
+    global_batch = train_cfg.batch_size * train_cfg.grad_accum * world  # grids per optimizer step, over all ranks
+    if len(train_ds) < global_batch:
+        raise seqgan.SeqganError(f"{train_cfg.data} has {len(train_ds)} training images, fewer than --batch-size "
+                                 f"{train_cfg.batch_size}" + (f" x {train_cfg.grad_accum * world} (micro-steps x processes)"
+                                                              if global_batch > train_cfg.batch_size else ""))
+    ckpt_path, log = os.path.join(train_cfg.out, "ckpt.pt"), seqgan.run_log(train_cfg.out, master)
+    train, train_y, val, val_y = token_set(tok, train_ds, val_ds, tok_hash, train_cfg, device, master, log)
+
+    raw_model, opt, best_val = build(cfg, train_cfg, ckpt, device)
     # model is what the steps run (compiled, then wrapped in DDP, as nanoGPT); raw_model is the plain module,
     # for checkpoints, evaluation and sampling.
     model = torch.compile(raw_model) if train_cfg.compile else raw_model
@@ -349,30 +355,29 @@ def main(argv=None):
     flops_per_token = seqgan.estimate_flops_per_token(cfg)
     peak = seqgan.peak_flops(device, train_cfg.peak_flops)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    log(f"{train_cfg.model.upper()} prior {seqgan.count_params(raw_model) / 1e6:.2f}M ({cfg.n_layer} layers, d {cfg.n_embd}, "
-        f"{cfg.n_head} heads) | {train_cfg.data}: {len(train)} train / {len(val)} val grids of {cfg.grid} tokens, "
-        f"K={cfg.n_codes}, {cfg.n_classes or 'no'} classes | device {device}{f' x {world} processes' if ddp else ''} | "
-        f"global batch {seqgan.batch_text(train_cfg.batch_size, train_cfg.grad_accum, world)} | start step {step} | "
-        f"chance loss ln K = {math.log(cfg.n_codes):.3f}")
-    warning = seqgan.batch_change_warning(ckpt, train_cfg.batch_size, train_cfg.grad_accum, world) if ckpt is not None else None
-    if warning:
-        log(warning)
+    seqgan.log_start(log, f"{train_cfg.model.upper()} prior {seqgan.count_params(raw_model) / 1e6:.2f}M ({cfg.n_layer} "
+                     f"layers, d {cfg.n_embd}, {cfg.n_head} heads) | {train_cfg.data}: {len(train)} train / {len(val)} val "
+                     f"grids of {cfg.grid} tokens, K={cfg.n_codes}, {cfg.n_classes or 'no'} classes | device {device}"
+                     f"{f' x {world} processes' if ddp else ''} | global batch "
+                     f"{seqgan.batch_text(train_cfg.batch_size, train_cfg.grad_accum, world)} | start step {step} | "
+                     f"chance loss ln K = {math.log(cfg.n_codes):.3f}", ckpt, train_cfg, world)
     log(f"MFU against a peak of {peak / 1e12:.0f} TFLOP/s ({'--peak-flops' if train_cfg.peak_flops else 'dense bf16, ' + gpu})"
         if peak else f"MFU n/a: no peak FLOP/s known for {gpu}; pass --peak-flops")
     log(f"config: {asdict(train_cfg)} {asdict(cfg)} | tokenizer phase {tok_ckpt['phase']}")
 
     def save():
         seqgan.save_checkpoint(ckpt_path, dict(kind="prior", step=step, best_val_loss=best_val, model_config=asdict(cfg),
-                                          train_config=asdict(train_cfg), world_size=world, tokenizer=os.path.abspath(train_cfg.tokenizer),
-                                          tokenizer_hash=tok_hash, model=raw_model.state_dict(), optimizer=opt.state_dict()))
+                                               train_config=asdict(train_cfg), world_size=world,
+                                               tokenizer=os.path.abspath(train_cfg.tokenizer), tokenizer_hash=tok_hash,
+                                               model=raw_model.state_dict(), optimizer=opt.state_dict()))
 
     # The batch order is seeded from (seed, start step), so a resumed run does not replay the first batches.
     # The generator lives on the device: drawing the indices there needs no host-to-device copy per step.
     # Every rank draws the same global batch and keeps its own slice, so 2 ranks x batch b see exactly
     # what 1 rank x 2b (or 1 rank x b x --grad-accum 2) sees.
     data_g = torch.Generator(device=device).manual_seed(train_cfg.seed * 1_000_003 + step)
-    sums = torch.zeros(3, device=device)  # loss, accuracy, grad norm: summed on the device, read back at log time
-    n_acc, t0, zero = 0, time.time(), torch.zeros((), device=device)
+    means = seqgan.RunningMeans()  # loss, accuracy, grad norm: read back once per log interval
+    t0, zero, accum = time.time(), torch.zeros((), device=device), train_cfg.grad_accum
     # the with-block closes the bar on an error too, so the error line stands on its own
     with tqdm(total=train_cfg.steps, initial=step, desc=f"{train_cfg.model} prior", dynamic_ncols=True, disable=not master) as bar:
         while step < train_cfg.steps:
@@ -380,41 +385,33 @@ def main(argv=None):
             for group in opt.param_groups:
                 group["lr"] = lr
             ix = torch.randint(len(train), (global_batch,), device=device, generator=data_g)
-            ix = ix.view(train_cfg.grad_accum, world, train_cfg.batch_size)[:, rank]  # (micro-steps, batch): this rank's slices
+            ix = ix.view(accum, world, train_cfg.batch_size)[:, rank]  # (micro-steps, batch): this rank's slices
             opt.zero_grad(set_to_none=True)
-            for micro in range(train_cfg.grad_accum):
+            for micro in range(accum):
                 idx, y = train[ix[micro]].long(), train_y[ix[micro]] if cfg.n_classes else None
                 if ddp:
                     # All-reduce the gradients only in the last micro-step's backward. The official way is
                     # the model.no_sync() context manager; it only toggles this flag (nanoGPT does the same).
-                    model.require_backward_grad_sync = micro == train_cfg.grad_accum - 1
+                    model.require_backward_grad_sync = micro == accum - 1
                 with ctx:
                     loss, acc = seqgan.prior_loss(model, cfg, idx, y)
-                # the mean over the micro-steps' grids; DDP then averages over the ranks
-                (loss / train_cfg.grad_accum).backward()
-                sums[:2] += torch.stack([loss.detach(), acc.detach()]) / train_cfg.grad_accum
+                (loss / accum).backward()  # the mean over the micro-steps' grids; DDP then averages over the ranks
+                means.add(dict(loss=loss, acc=acc), 1 / accum)
             gnorm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), train_cfg.grad_clip) if train_cfg.grad_clip > 0 else zero
             opt.step()
-            sums[2] += gnorm.float()  # the same on every rank: the gradients are already averaged
-            n_acc += 1
+            means.add(dict(grad_norm=gnorm))  # the same on every rank: the gradients are already averaged
+            means.steps += 1
             step += 1
             bar.update(1)
 
             if step % train_cfg.log_every == 0 or step == train_cfg.steps:
-                # The interval's sums, averaged over the ranks: the one sync and host read of the interval.
-                # Every rank sees the same numbers, so a non-finite loss stops them all alike.
-                l, a, gn = (seqgan.all_reduce_sum(sums) / (n_acc * world)).tolist()
-                if not (math.isfinite(l) and math.isfinite(gn)):
-                    raise seqgan.SeqganError(f"non-finite loss at step {step}: loss={l:.4g}, grad norm={gn:.4g}; lower --lr "
-                                        f"(now {train_cfg.lr}). Last good checkpoint: {ckpt_path}")
-                tps = n_acc * global_batch * cfg.grid / (time.time() - t0)
+                tps = means.steps * global_batch * cfg.grid / (time.time() - t0)
+                m = means.read(world, step, train_cfg.lr, ckpt_path)
                 mfu = f"{flops_per_token * tps / (peak * world):.1%}" if peak else "n/a"
-                log(f"step {step} | loss {l:.4f} acc {a:.3f} | grad norm {gn:.3f} | lr {lr:.3e} | "
-                    f"{tps:,.0f} tok/s | MFU {mfu}")
-                bar.set_postfix(loss=f"{l:.3f}", acc=f"{a:.3f}")
-                sums.zero_()
-                n_acc, t0 = 0, time.time()
-
+                log(f"step {step} | loss {m['loss']:.4f} acc {m['acc']:.3f} | grad norm {m['grad_norm']:.3f} | "
+                    f"lr {lr:.3e} | {tps:,.0f} tok/s | MFU {mfu}")
+                bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['acc']:.3f}")
+                t0 = time.time()
             if master and (step % train_cfg.eval_every == 0 or step == train_cfg.steps):
                 # rank 0 alone; the others go on and wait for it in the next step's gradient all-reduce
                 vl, va = evaluate(raw_model, val, val_y, train_cfg, ctx)

@@ -200,34 +200,24 @@ def evaluate(model, val, train_cfg, model_cfg, device, ctx):
     return dict(psnr=float(total / n) if not model_cfg.feature_dim else float("nan"), usage=usage.item(), perplexity=ppl.item()), first
 
 
-def main(argv=None):
-    args = parse(argv)
-    train_cfg, model_cfg, loss_cfg, ckpt, init = configure(args)  # every rank: the checks, and the checkpoint it resumes
-    ddp, rank, _, world, device = seqgan.setup_distributed(train_cfg.device, train_cfg.backend)
-    master = rank == 0  # logs, evaluates, writes grids and checkpoints; the others only train
-    # A seed offset per rank: Reg-VQ's stochastic masks differ across ranks. The ranks' different initial
-    # weights do not matter: DDP copies rank 0's to all at the wrap (the random VGG has its own seed).
-    torch.manual_seed(train_cfg.seed + rank)
-    torch.backends.cudnn.benchmark = True
-    ctx = seqgan.autocast(device)
-
+def load_data(train_cfg, model_cfg, world):
+    """The training images and the held-out images evaluate() scores (an image folder: its first images)."""
     ds, _ = seqgan.load_dataset(train_cfg.data, train_cfg.data_root, model_cfg.image_size, train=True)
     global_batch = train_cfg.batch_size * train_cfg.grad_accum * world  # images per optimizer step, over all ranks
     if len(ds) < global_batch:
         raise seqgan.SeqganError(f"{train_cfg.data} has {len(ds)} images, fewer than --batch-size {train_cfg.batch_size}"
-                            + (f" x {train_cfg.grad_accum * world} (micro-steps x processes)" if global_batch > train_cfg.batch_size else ""))
+                                 + (f" x {train_cfg.grad_accum * world} (micro-steps x processes)"
+                                    if global_batch > train_cfg.batch_size else ""))
     if train_cfg.data in ("cifar10", "fashion-mnist"):
         val, _ = seqgan.load_dataset(train_cfg.data, train_cfg.data_root, model_cfg.image_size, train=False)
     else:
         val = ds  # an image folder has no split: evaluate on its first images
-    val = torch.utils.data.Subset(val, range(min(train_cfg.eval_images, len(val))))
-    # frozen, never wrapped in DDP: it has nothing to synchronise. Not built when no term uses it
-    # (--perceptual-weight 0 without PCL or VQ-KD): quick CPU ablations need no VGG16 at all.
-    perceptual = None
-    if loss_cfg.perceptual_weight > 0 or loss_cfg.pcl_weight > 0 or model_cfg.feature_dim:
-        perceptual = seqgan.PerceptualLoss(loss_cfg.alpha, seqgan.load_vgg16(train_cfg.vgg_weights), loss_cfg.perceptual_norm, loss_cfg.perceptual_size)
-        perceptual = perceptual.to(device)
+    return ds, torch.utils.data.Subset(val, range(min(train_cfg.eval_images, len(val))))
 
+
+def build(train_cfg, model_cfg, loss_cfg, ckpt, init, device):
+    """The plain tokenizer and discriminator with their optimizers, and the step to start from: fresh,
+    from phase 1's weights (phase 2) or as the checkpoint left them (--resume)."""
     raw_model = seqgan.Tokenizer(model_cfg)
     raw_disc = seqgan.Discriminator(model_cfg.image_size, loss_cfg.disc_channels, loss_cfg.disc_max_channels)
     if init is not None:  # phase 2: phase-1 weights; the new attention layers (VQ-KD: the decoder) start fresh
@@ -252,59 +242,80 @@ def main(argv=None):
         opt_g.load_state_dict(ckpt["opt_g"])
         opt_d.load_state_dict(ckpt["opt_d"])
         step = ckpt["step"]
-    # model and disc are what the steps run (compiled, then wrapped in DDP); raw_model and raw_disc are
-    # the plain modules, for checkpoints and evaluation.
+    return raw_model, raw_disc, opt_g, opt_d, step
+
+
+def eval_and_save(raw_model, val, step, train_cfg, model_cfg, device, ctx, log, save):
+    """Rank 0 alone, on the plain model (no collective inside): PSNR and codebook usage, a PNG of inputs
+    over reconstructions, a checkpoint. The other ranks wait for it in the next gradient all-reduce."""
+    metrics, first = evaluate(raw_model, val, train_cfg, model_cfg, device, ctx)
+    used = round(metrics["usage"] * model_cfg.n_codes)
+    log(f"eval step {step} | PSNR {metrics['psnr']:.2f} dB | usage {metrics['usage']:.3f} "
+        f"({used}/{model_cfg.n_codes} codes) | perplexity {metrics['perplexity']:.1f}")
+    if metrics["usage"] < 0.1:
+        log(f"warning: only {used}/{model_cfg.n_codes} codes used; raise --entropy-weight or lower --entropy-temp")
+    if first is not None:  # top row inputs, bottom row reconstructions
+        torchvision.utils.save_image(torch.cat(first), os.path.join(train_cfg.out, f"recon_{step:07d}.png"),
+                                     nrow=len(first[0]), normalize=True, value_range=(-1, 1))
+    save()
+
+
+def main(argv=None):
+    train_cfg, model_cfg, loss_cfg, ckpt, init = configure(parse(argv))  # every rank: the checks, the checkpoint
+    ddp, rank, _, world, device = seqgan.setup_distributed(train_cfg.device, train_cfg.backend)
+    master = rank == 0  # logs, evaluates, writes grids and checkpoints; the others only train
+    # A seed offset per rank: Reg-VQ's stochastic masks differ across ranks. The ranks' different initial
+    # weights do not matter: DDP copies rank 0's to all at the wrap (the random VGG has its own seed).
+    torch.manual_seed(train_cfg.seed + rank)
+    torch.backends.cudnn.benchmark = True
+    ctx = seqgan.autocast(device)
+    ds, val = load_data(train_cfg, model_cfg, world)
+    global_batch = train_cfg.batch_size * train_cfg.grad_accum * world
+    # frozen, never wrapped in DDP: it has nothing to synchronise. Not built when no term uses it
+    # (--perceptual-weight 0 without PCL or VQ-KD): quick CPU ablations need no VGG16 at all.
+    perceptual = None
+    if loss_cfg.perceptual_weight > 0 or loss_cfg.pcl_weight > 0 or model_cfg.feature_dim:
+        vgg = seqgan.load_vgg16(train_cfg.vgg_weights)
+        perceptual = seqgan.PerceptualLoss(loss_cfg.alpha, vgg, loss_cfg.perceptual_norm, loss_cfg.perceptual_size).to(device)
+
+    raw_model, raw_disc, opt_g, opt_d, step = build(train_cfg, model_cfg, loss_cfg, ckpt, init, device)
+    # model and disc are what the steps run: compiled, then wrapped in DDP (nanoGPT). raw_model and raw_disc
+    # are the plain modules, for checkpoints and evaluation. DDP keeps only parameters that require grad in
+    # sync: in phase 2 the decoder's (encoder and codebook are frozen); in phase 1 every parameter gets a
+    # gradient, as DDP needs without find_unused_parameters. G's adversarial term runs the module inside
+    # disc's DDP wrapper (seqgan.tokenizer_loss).
     model = torch.compile(raw_model, backend=COMPILE_BACKEND) if train_cfg.compile else raw_model
     disc = torch.compile(raw_disc, backend=COMPILE_BACKEND) if train_cfg.compile else raw_disc
     if ddp:
-        # Compile first, then wrap (nanoGPT). DDP keeps only parameters that require grad in sync, so in
-        # phase 2 only the decoder's (encoder and codebook are frozen); in phase 1 every parameter of the
-        # tokenizer gets a gradient, as DDP needs without find_unused_parameters. G's adversarial term
-        # runs the module inside disc's DDP wrapper (seqgan.tokenizer_loss).
         ids = [device.index] if device.type == "cuda" else None
         model, disc = DDP(model, device_ids=ids), DDP(disc, device_ids=ids)
 
-    ckpt_path, log_path = os.path.join(train_cfg.out, "ckpt.pt"), os.path.join(train_cfg.out, "log.txt")
-    if master:
-        os.makedirs(train_cfg.out, exist_ok=True)
-    n_train = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
-    header = (f"phase {train_cfg.phase} | {train_cfg.data} ({len(ds)} images) | device {device}{f' x {world} processes' if ddp else ''}"
-              f" | tokenizer {seqgan.count_params(raw_model) / 1e6:.2f}M ({n_train / 1e6:.2f}M trained), "
-              f"D {seqgan.count_params(raw_disc) / 1e6:.2f}M | {model_cfg.grid}x{model_cfg.grid} tokens, K={model_cfg.n_codes} | alpha {loss_cfg.alpha} | "
-              f"global batch {seqgan.batch_text(train_cfg.batch_size, train_cfg.grad_accum, world)} | start step {step}")
-
-    def log(line):
-        if master:
-            tqdm.write(line)
-            with open(log_path, "a") as f:
-                f.write(line + "\n")
-
-    log(header)
-    warning = seqgan.batch_change_warning(ckpt, train_cfg.batch_size, train_cfg.grad_accum, world) if ckpt is not None else None
-    if warning:
-        log(warning)
+    ckpt_path, log = os.path.join(train_cfg.out, "ckpt.pt"), seqgan.run_log(train_cfg.out, master)
+    seqgan.log_start(log, f"phase {train_cfg.phase} | {train_cfg.data} ({len(ds)} images) | device {device}"
+                     f"{f' x {world} processes' if ddp else ''} | tokenizer {seqgan.count_params(raw_model) / 1e6:.2f}M "
+                     f"({seqgan.count_params(raw_model, trainable=True) / 1e6:.2f}M trained), D "
+                     f"{seqgan.count_params(raw_disc) / 1e6:.2f}M | {model_cfg.grid}x{model_cfg.grid} tokens, "
+                     f"K={model_cfg.n_codes} | alpha {loss_cfg.alpha} | global batch "
+                     f"{seqgan.batch_text(train_cfg.batch_size, train_cfg.grad_accum, world)} | start step {step}",
+                     ckpt, train_cfg, world)
     log(f"config: {asdict(train_cfg)} {asdict(model_cfg)} {asdict(loss_cfg)}")
 
     def save():
-        seqgan.save_checkpoint(ckpt_path, dict(kind="tokenizer", phase=train_cfg.phase, step=step, model_config=asdict(model_cfg),
-                                          loss_config=asdict(loss_cfg), train_config=asdict(train_cfg), world_size=world,
-                                          model=raw_model.state_dict(), disc=raw_disc.state_dict(),
-                                          opt_g=opt_g.state_dict(), opt_d=opt_d.state_dict()))
+        seqgan.save_checkpoint(ckpt_path, dict(kind="tokenizer", phase=train_cfg.phase, step=step, world_size=world,
+                                               model_config=asdict(model_cfg), loss_config=asdict(loss_cfg),
+                                               train_config=asdict(train_cfg), model=raw_model.state_dict(),
+                                               disc=raw_disc.state_dict(), opt_g=opt_g.state_dict(), opt_d=opt_d.state_dict()))
 
     data = batches(ds, train_cfg, step, device, rank, world)
-    # Running sums of the named terms and code counts, summed over the ranks and read back only at log
-    # time: no per-step sync.
-    acc = {}
-    counts = torch.zeros(model_cfg.n_codes, device=device, dtype=torch.long)
-    n_acc, t0, zero = 0, time.time(), torch.zeros((), device=device)
-    micro_steps = range(train_cfg.grad_accum)
+    means = seqgan.RunningMeans()  # the named terms, read back once per log interval
+    counts = torch.zeros(model_cfg.n_codes, device=device, dtype=torch.long)  # code usage, likewise
+    t0, zero, accum = time.time(), torch.zeros((), device=device), train_cfg.grad_accum
     # the with-block closes the bar on an error too, so the error line stands on its own
     with tqdm(total=train_cfg.steps, initial=step, desc=f"phase {train_cfg.phase}", dynamic_ncols=True, disable=not master) as bar:
         while step < train_cfg.steps:
             lr = get_lr(step, train_cfg)
-            for opt in (opt_g, opt_d):
-                for group in opt.param_groups:
-                    group["lr"] = lr
+            for group in opt_g.param_groups + opt_d.param_groups:
+                group["lr"] = lr
 
             # G: the micro-steps add up the gradient of the global batch, each loss divided by their
             # number. DDP all-reduces only in the last micro-step's backward: the official way is the
@@ -312,17 +323,16 @@ def main(argv=None):
             gan_w = seqgan.gan_weight_at(step, loss_cfg) if not model_cfg.feature_dim else 0.0
             opt_g.zero_grad(set_to_none=True)
             xs, x_hats = [], []
-            for micro in micro_steps:
+            for micro in range(accum):
                 x = seqgan.to_input(next(data)[0], device, model_cfg.image_size)
                 if ddp:
-                    model.require_backward_grad_sync = micro == micro_steps[-1]
+                    model.require_backward_grad_sync = micro == accum - 1
                 with ctx:
                     x_hat, idx, q = model(x)
                     loss, terms = seqgan.tokenizer_loss(x, x_hat, q, loss_cfg, train_cfg.phase, gan_w, disc, perceptual,
-                                                   vqkd=bool(model_cfg.feature_dim))
-                (loss / train_cfg.grad_accum).backward()
-                for k, v in terms.items():  # detached running sums on the device: no host sync
-                    acc[k] = acc.get(k, 0) + v.detach().float() / train_cfg.grad_accum
+                                                        vqkd=bool(model_cfg.feature_dim))
+                (loss / accum).backward()
+                means.add(terms, 1 / accum)
                 seqgan.count_codes(counts, idx)
                 xs.append(x)
                 x_hats.append(x_hat.detach())
@@ -332,51 +342,31 @@ def main(argv=None):
             d, r1 = zero, zero
             if step >= loss_cfg.gan_start and not model_cfg.feature_dim:
                 opt_d.zero_grad(set_to_none=True)
-                for micro in micro_steps:
+                for micro in range(accum):
                     if ddp:
-                        disc.require_backward_grad_sync = micro == micro_steps[-1]
-                    d_m, r1_m = seqgan.d_backward(disc, xs[micro], x_hats[micro], loss_cfg, step, 1 / train_cfg.grad_accum)
-                    d, r1 = d + d_m / train_cfg.grad_accum, r1 + r1_m / train_cfg.grad_accum
+                        disc.require_backward_grad_sync = micro == accum - 1
+                    d_m, r1_m = seqgan.d_backward(disc, xs[micro], x_hats[micro], loss_cfg, step, 1 / accum)
+                    d, r1 = d + d_m / accum, r1 + r1_m / accum
                 opt_d.step()
-
-            acc["d_loss"], acc["r1"] = acc.get("d_loss", 0) + d, acc.get("r1", 0) + r1
-            n_acc += 1
+            means.add(dict(d_loss=d, r1=r1))
+            means.steps += 1
             step += 1
             bar.update(1)
 
             if step % train_cfg.log_every == 0 or step == train_cfg.steps:
-                # the one sync and host read of the interval; every rank sees the same numbers, so a
-                # non-finite loss stops them all alike
-                vals = dict(zip(acc, (seqgan.all_reduce_sum(torch.stack(list(acc.values()))) / (n_acc * world)).tolist()))
-                seqgan.all_reduce_sum(counts)
-                if not all(map(torch.isfinite, torch.tensor(list(vals.values())))):
-                    raise seqgan.SeqganError(f"non-finite loss at step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in vals.items())
-                                        + f"; lower --lr (now {train_cfg.lr}) or check the data. Last good checkpoint: {ckpt_path}")
-                usage, ppl = seqgan.codebook_usage(counts)
-                ips = n_acc * global_batch / (time.time() - t0)
+                ips = means.steps * global_batch / (time.time() - t0)
+                vals = means.read(world, step, train_cfg.lr, ckpt_path)
+                usage, ppl = seqgan.codebook_usage(seqgan.all_reduce_sum(counts))
                 # Under DDP the entropy term (and its log) is of each rank's batch, averaged over the ranks:
                 # the quantizer's soft usage is a mean over the rank's own positions, not over the global batch.
                 log(f"step {step} | " + " ".join(f"{k} {v:.4f}" for k, v in vals.items())
-                    + f" | H/logK {vals['entropy'] / torch.log(torch.tensor(model_cfg.n_codes)).item():.3f}"
+                    + f" | H/logK {vals['entropy'] / math.log(model_cfg.n_codes):.3f}"
                     + f" | usage {usage.item():.3f} ppl {ppl.item():.1f} | gan_w {gan_w:.3f} lr {lr:.2e} | {ips:.1f} img/s")
                 bar.set_postfix(l1=f"{vals['l1']:.3f}", usage=f"{usage.item():.2f}", ips=f"{ips:.0f}")
-                acc = {}
                 counts.zero_()
-                n_acc, t0 = 0, time.time()
-
+                t0 = time.time()
             if master and (step % train_cfg.eval_every == 0 or step == train_cfg.steps):
-                # rank 0 alone, on the plain model (no collective inside); the others go on and wait for it
-                # in the next step's gradient all-reduce
-                metrics, first = evaluate(raw_model, val, train_cfg, model_cfg, device, ctx)
-                log(f"eval step {step} | PSNR {metrics['psnr']:.2f} dB | usage {metrics['usage']:.3f} "
-                    f"({round(metrics['usage'] * model_cfg.n_codes)}/{model_cfg.n_codes} codes) | perplexity {metrics['perplexity']:.1f}")
-                if metrics["usage"] < 0.1:
-                    log(f"warning: only {round(metrics['usage'] * model_cfg.n_codes)}/{model_cfg.n_codes} codes used; "
-                        "raise --entropy-weight or lower --entropy-temp")
-                if first is not None:  # top row inputs, bottom row reconstructions
-                    torchvision.utils.save_image(torch.cat(first), os.path.join(train_cfg.out, f"recon_{step:07d}.png"),
-                                                 nrow=len(first[0]), normalize=True, value_range=(-1, 1))
-                save()
+                eval_and_save(raw_model, val, step, train_cfg, model_cfg, device, ctx, log, save)
                 t0 = time.time()
     log(f"done: {ckpt_path}")
     seqgan.teardown()
