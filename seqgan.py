@@ -1259,12 +1259,27 @@ def count_params(module, trainable=False):
 # torchrun (python -m torch.distributed.run) sets RANK, LOCAL_RANK, WORLD_SIZE and LOCAL_WORLD_SIZE in
 # every process it starts; a plain `python script.py` sets none of them, and each helper below then
 # reduces to the one-process case. Rank 0 is the master: it alone logs and writes files.
+#
+# How the trainers use it (train_tokenizer.py, train_prior.py): every rank resolves the config and the
+# checkpoint itself; the model is compiled first, then wrapped in DistributedDataParallel, and the plain
+# module (raw_model) is what checkpoints, evaluation and sampling use. A step runs grad_accum micro-steps,
+# each loss divided by their number, and DDP all-reduces the gradients only in the last micro-step's
+# backward: the official way is the no_sync() context manager, which only toggles
+# require_backward_grad_sync (nanoGPT toggles it directly, as the trainers do). Each rank takes its own
+# slice of the same global batch, so 2 ranks x batch b see what 1 rank x 2b sees. Logged numbers are
+# summed over the ranks once per log interval (RunningMeans); rank 0 alone evaluates and writes files,
+# and the other ranks wait for it in the next gradient all-reduce.
 
 
 # Collectives wait this long for a slow rank: rank 0 may tokenize a large data set for train_prior.py
 # while the others wait at a barrier (NCCL's default is 10 minutes). A crashed rank does not make
 # the others wait this long: torchrun stops them as soon as one process exits with an error.
 DIST_TIMEOUT = datetime.timedelta(hours=2)
+
+
+def ddp_ids(device):
+    """DistributedDataParallel's device_ids: the one GPU of this process, None on CPU (gloo)."""
+    return [device.index] if device.type == "cuda" else None
 
 
 def setup_distributed(device_flag, backend="auto"):
@@ -1330,6 +1345,16 @@ def batch_text(batch_size, grad_accum, world):
     """The global batch (per optimizer step, over all ranks), spelled out: '256 (32 x 8 processes)'."""
     parts = [str(batch_size)] + [f"{grad_accum} accum"] * (grad_accum > 1) + [f"{world} processes"] * (world > 1)
     return f"{batch_size * grad_accum * world}" + (f" ({' x '.join(parts)})" if len(parts) > 1 else "")
+
+
+def check_enough_data(n, what, train_cfg, world):
+    """Refuse a data set smaller than one global batch (batch_size x grad_accum x processes); -> that batch."""
+    global_batch = train_cfg.batch_size * train_cfg.grad_accum * world
+    if n < global_batch:
+        raise SeqganError(f"{train_cfg.data} has {n} {what}, fewer than --batch-size {train_cfg.batch_size}"
+                          + (f" x {train_cfg.grad_accum * world} (micro-steps x processes)"
+                             if global_batch > train_cfg.batch_size else ""))
+    return global_batch
 
 
 def batch_change_warning(ckpt, batch_size, grad_accum, world):

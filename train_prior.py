@@ -320,6 +320,26 @@ def build(cfg, train_cfg, ckpt, device):
     return raw_model, opt, best_val
 
 
+def eval_and_save(raw_model, tok, val, val_y, best_val, step, train_cfg, ctx, log, save):
+    """Rank 0 alone: validation loss, a grid of samples, a checkpoint; -> the best validation loss so far."""
+    vl, va = evaluate(raw_model, val, val_y, train_cfg, ctx)
+    best_val = min(best_val, vl)
+    log(f"eval step {step} | val loss {vl:.4f} acc {va:.3f} | best {best_val:.4f}")
+    save_samples(raw_model, tok, train_cfg, os.path.join(train_cfg.out, f"samples_{step:07d}.png"), ctx)
+    save(best_val)
+    return best_val
+
+
+def header(raw_model, cfg, n_train, n_val, train_cfg, device, world, step):
+    """The run's first log line."""
+    return (f"{train_cfg.model.upper()} prior {seqgan.count_params(raw_model) / 1e6:.2f}M ({cfg.n_layer} layers, "
+            f"d {cfg.n_embd}, {cfg.n_head} heads) | {train_cfg.data}: {n_train} train / {n_val} val grids of "
+            f"{cfg.grid} tokens, K={cfg.n_codes}, {cfg.n_classes or 'no'} classes | device {device}"
+            f"{f' x {world} processes' if world > 1 else ''} | global batch "
+            f"{seqgan.batch_text(train_cfg.batch_size, train_cfg.grad_accum, world)} | start step {step} | "
+            f"chance loss ln K = {math.log(cfg.n_codes):.3f}")
+
+
 def main(argv=None):
     train_cfg, shape, ckpt, tok_ckpt = configure(parse(argv))  # every rank: the checks, and the checkpoint it resumes
     ddp, rank, _, world, device = seqgan.setup_distributed(train_cfg.device, train_cfg.backend)
@@ -337,11 +357,7 @@ def main(argv=None):
     tok_hash = tokenizer_hash(tok_ckpt)
     if ckpt is not None:
         check_resume(ckpt, cfg, train_cfg, tok_hash)
-    global_batch = train_cfg.batch_size * train_cfg.grad_accum * world  # grids per optimizer step, over all ranks
-    if len(train_ds) < global_batch:
-        raise seqgan.SeqganError(f"{train_cfg.data} has {len(train_ds)} training images, fewer than --batch-size "
-                                 f"{train_cfg.batch_size}" + (f" x {train_cfg.grad_accum * world} (micro-steps x processes)"
-                                                              if global_batch > train_cfg.batch_size else ""))
+    global_batch = seqgan.check_enough_data(len(train_ds), "training images", train_cfg, world)  # grids per step
     ckpt_path, log = os.path.join(train_cfg.out, "ckpt.pt"), seqgan.run_log(train_cfg.out, master)
     train, train_y, val, val_y = token_set(tok, train_ds, val_ds, tok_hash, train_cfg, device, master, log)
 
@@ -350,22 +366,17 @@ def main(argv=None):
     # for checkpoints, evaluation and sampling.
     model = torch.compile(raw_model) if train_cfg.compile else raw_model
     if ddp:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        model = DDP(model, device_ids=seqgan.ddp_ids(device))
 
     flops_per_token = seqgan.estimate_flops_per_token(cfg)
     peak = seqgan.peak_flops(device, train_cfg.peak_flops)
+    seqgan.log_start(log, header(raw_model, cfg, len(train), len(val), train_cfg, device, world, step), ckpt, train_cfg, world)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    seqgan.log_start(log, f"{train_cfg.model.upper()} prior {seqgan.count_params(raw_model) / 1e6:.2f}M ({cfg.n_layer} "
-                     f"layers, d {cfg.n_embd}, {cfg.n_head} heads) | {train_cfg.data}: {len(train)} train / {len(val)} val "
-                     f"grids of {cfg.grid} tokens, K={cfg.n_codes}, {cfg.n_classes or 'no'} classes | device {device}"
-                     f"{f' x {world} processes' if ddp else ''} | global batch "
-                     f"{seqgan.batch_text(train_cfg.batch_size, train_cfg.grad_accum, world)} | start step {step} | "
-                     f"chance loss ln K = {math.log(cfg.n_codes):.3f}", ckpt, train_cfg, world)
     log(f"MFU against a peak of {peak / 1e12:.0f} TFLOP/s ({'--peak-flops' if train_cfg.peak_flops else 'dense bf16, ' + gpu})"
         if peak else f"MFU n/a: no peak FLOP/s known for {gpu}; pass --peak-flops")
     log(f"config: {asdict(train_cfg)} {asdict(cfg)} | tokenizer phase {tok_ckpt['phase']}")
 
-    def save():
+    def save(best_val):
         seqgan.save_checkpoint(ckpt_path, dict(kind="prior", step=step, best_val_loss=best_val, model_config=asdict(cfg),
                                                train_config=asdict(train_cfg), world_size=world,
                                                tokenizer=os.path.abspath(train_cfg.tokenizer), tokenizer_hash=tok_hash,
@@ -373,8 +384,6 @@ def main(argv=None):
 
     # The batch order is seeded from (seed, start step), so a resumed run does not replay the first batches.
     # The generator lives on the device: drawing the indices there needs no host-to-device copy per step.
-    # Every rank draws the same global batch and keeps its own slice, so 2 ranks x batch b see exactly
-    # what 1 rank x 2b (or 1 rank x b x --grad-accum 2) sees.
     data_g = torch.Generator(device=device).manual_seed(train_cfg.seed * 1_000_003 + step)
     means = seqgan.RunningMeans()  # loss, accuracy, grad norm: read back once per log interval
     t0, zero, accum = time.time(), torch.zeros((), device=device), train_cfg.grad_accum
@@ -389,9 +398,7 @@ def main(argv=None):
             opt.zero_grad(set_to_none=True)
             for micro in range(accum):
                 idx, y = train[ix[micro]].long(), train_y[ix[micro]] if cfg.n_classes else None
-                if ddp:
-                    # All-reduce the gradients only in the last micro-step's backward. The official way is
-                    # the model.no_sync() context manager; it only toggles this flag (nanoGPT does the same).
+                if ddp:  # all-reduce in the last micro-step's backward only (seqgan, "distributed")
                     model.require_backward_grad_sync = micro == accum - 1
                 with ctx:
                     loss, acc = seqgan.prior_loss(model, cfg, idx, y)
@@ -413,12 +420,7 @@ def main(argv=None):
                 bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['acc']:.3f}")
                 t0 = time.time()
             if master and (step % train_cfg.eval_every == 0 or step == train_cfg.steps):
-                # rank 0 alone; the others go on and wait for it in the next step's gradient all-reduce
-                vl, va = evaluate(raw_model, val, val_y, train_cfg, ctx)
-                best_val = min(best_val, vl)
-                log(f"eval step {step} | val loss {vl:.4f} acc {va:.3f} | best {best_val:.4f}")
-                save_samples(raw_model, tok, train_cfg, os.path.join(train_cfg.out, f"samples_{step:07d}.png"), ctx)
-                save()
+                best_val = eval_and_save(raw_model, tok, val, val_y, best_val, step, train_cfg, ctx, log, save)
                 t0 = time.time()
     log(f"done: {ckpt_path}")
     seqgan.teardown()

@@ -203,11 +203,7 @@ def evaluate(model, val, train_cfg, model_cfg, device, ctx):
 def load_data(train_cfg, model_cfg, world):
     """The training images and the held-out images evaluate() scores (an image folder: its first images)."""
     ds, _ = seqgan.load_dataset(train_cfg.data, train_cfg.data_root, model_cfg.image_size, train=True)
-    global_batch = train_cfg.batch_size * train_cfg.grad_accum * world  # images per optimizer step, over all ranks
-    if len(ds) < global_batch:
-        raise seqgan.SeqganError(f"{train_cfg.data} has {len(ds)} images, fewer than --batch-size {train_cfg.batch_size}"
-                                 + (f" x {train_cfg.grad_accum * world} (micro-steps x processes)"
-                                    if global_batch > train_cfg.batch_size else ""))
+    seqgan.check_enough_data(len(ds), "images", train_cfg, world)
     if train_cfg.data in ("cifar10", "fashion-mnist"):
         val, _ = seqgan.load_dataset(train_cfg.data, train_cfg.data_root, model_cfg.image_size, train=False)
     else:
@@ -245,6 +241,53 @@ def build(train_cfg, model_cfg, loss_cfg, ckpt, init, device):
     return raw_model, raw_disc, opt_g, opt_d, step
 
 
+def perceptual_loss(train_cfg, model_cfg, loss_cfg, device):
+    """The frozen VGG16 loss (Eq. 3; also PCL's and VQ-KD's features), never wrapped in DDP: it has nothing
+    to synchronise. None when no term uses it (--perceptual-weight 0 without PCL or VQ-KD): quick CPU
+    ablations need no VGG16 at all."""
+    if not (loss_cfg.perceptual_weight > 0 or loss_cfg.pcl_weight > 0 or model_cfg.feature_dim):
+        return None
+    vgg = seqgan.load_vgg16(train_cfg.vgg_weights)
+    return seqgan.PerceptualLoss(loss_cfg.alpha, vgg, loss_cfg.perceptual_norm, loss_cfg.perceptual_size).to(device)
+
+
+def header(raw_model, raw_disc, n_images, train_cfg, model_cfg, loss_cfg, device, world, step):
+    """The run's first log line."""
+    return (f"phase {train_cfg.phase} | {train_cfg.data} ({n_images} images) | device {device}"
+            f"{f' x {world} processes' if world > 1 else ''} | tokenizer {seqgan.count_params(raw_model) / 1e6:.2f}M "
+            f"({seqgan.count_params(raw_model, trainable=True) / 1e6:.2f}M trained), D "
+            f"{seqgan.count_params(raw_disc) / 1e6:.2f}M | {model_cfg.grid}x{model_cfg.grid} tokens, "
+            f"K={model_cfg.n_codes} | alpha {loss_cfg.alpha} | global batch "
+            f"{seqgan.batch_text(train_cfg.batch_size, train_cfg.grad_accum, world)} | start step {step}")
+
+
+def d_step(disc, opt_d, xs, x_hats, loss_cfg, step, ddp):
+    """One discriminator step over the G step's micro-batches and their detached reconstructions;
+    -> the detached (d_loss, r1), averaged over the micro-steps."""
+    accum, d, r1 = len(xs), 0, 0
+    opt_d.zero_grad(set_to_none=True)
+    for micro in range(accum):
+        if ddp:
+            disc.require_backward_grad_sync = micro == accum - 1
+        d_m, r1_m = seqgan.d_backward(disc, xs[micro], x_hats[micro], loss_cfg, step, 1 / accum)
+        d, r1 = d + d_m / accum, r1 + r1_m / accum
+    opt_d.step()
+    return dict(d_loss=d, r1=r1)
+
+
+def log_step(log, bar, vals, counts, step, gan_w, lr, ips):
+    """The interval's log line: every named term, the entropy as a fraction of log K, code usage (the
+    counts are summed over the ranks, then reset), the GAN weight, lr and speed. Under DDP the entropy
+    term is of each rank's batch, averaged over the ranks: the quantizer's soft usage is a mean over the
+    rank's own positions, not over the global batch."""
+    usage, ppl = seqgan.codebook_usage(seqgan.all_reduce_sum(counts))
+    log(f"step {step} | " + " ".join(f"{k} {v:.4f}" for k, v in vals.items())
+        + f" | H/logK {vals['entropy'] / math.log(len(counts)):.3f}"
+        + f" | usage {usage.item():.3f} ppl {ppl.item():.1f} | gan_w {gan_w:.3f} lr {lr:.2e} | {ips:.1f} img/s")
+    bar.set_postfix(l1=f"{vals['l1']:.3f}", usage=f"{usage.item():.2f}", ips=f"{ips:.0f}")
+    counts.zero_()
+
+
 def eval_and_save(raw_model, val, step, train_cfg, model_cfg, device, ctx, log, save):
     """Rank 0 alone, on the plain model (no collective inside): PSNR and codebook usage, a PNG of inputs
     over reconstructions, a checkpoint. The other ranks wait for it in the next gradient all-reduce."""
@@ -270,14 +313,8 @@ def main(argv=None):
     torch.backends.cudnn.benchmark = True
     ctx = seqgan.autocast(device)
     ds, val = load_data(train_cfg, model_cfg, world)
-    global_batch = train_cfg.batch_size * train_cfg.grad_accum * world
-    # frozen, never wrapped in DDP: it has nothing to synchronise. Not built when no term uses it
-    # (--perceptual-weight 0 without PCL or VQ-KD): quick CPU ablations need no VGG16 at all.
-    perceptual = None
-    if loss_cfg.perceptual_weight > 0 or loss_cfg.pcl_weight > 0 or model_cfg.feature_dim:
-        vgg = seqgan.load_vgg16(train_cfg.vgg_weights)
-        perceptual = seqgan.PerceptualLoss(loss_cfg.alpha, vgg, loss_cfg.perceptual_norm, loss_cfg.perceptual_size).to(device)
-
+    global_batch = train_cfg.batch_size * train_cfg.grad_accum * world  # images per optimizer step, all ranks
+    perceptual = perceptual_loss(train_cfg, model_cfg, loss_cfg, device)
     raw_model, raw_disc, opt_g, opt_d, step = build(train_cfg, model_cfg, loss_cfg, ckpt, init, device)
     # model and disc are what the steps run: compiled, then wrapped in DDP (nanoGPT). raw_model and raw_disc
     # are the plain modules, for checkpoints and evaluation. DDP keeps only parameters that require grad in
@@ -287,16 +324,10 @@ def main(argv=None):
     model = torch.compile(raw_model, backend=COMPILE_BACKEND) if train_cfg.compile else raw_model
     disc = torch.compile(raw_disc, backend=COMPILE_BACKEND) if train_cfg.compile else raw_disc
     if ddp:
-        ids = [device.index] if device.type == "cuda" else None
-        model, disc = DDP(model, device_ids=ids), DDP(disc, device_ids=ids)
+        model, disc = DDP(model, device_ids=seqgan.ddp_ids(device)), DDP(disc, device_ids=seqgan.ddp_ids(device))
 
     ckpt_path, log = os.path.join(train_cfg.out, "ckpt.pt"), seqgan.run_log(train_cfg.out, master)
-    seqgan.log_start(log, f"phase {train_cfg.phase} | {train_cfg.data} ({len(ds)} images) | device {device}"
-                     f"{f' x {world} processes' if ddp else ''} | tokenizer {seqgan.count_params(raw_model) / 1e6:.2f}M "
-                     f"({seqgan.count_params(raw_model, trainable=True) / 1e6:.2f}M trained), D "
-                     f"{seqgan.count_params(raw_disc) / 1e6:.2f}M | {model_cfg.grid}x{model_cfg.grid} tokens, "
-                     f"K={model_cfg.n_codes} | alpha {loss_cfg.alpha} | global batch "
-                     f"{seqgan.batch_text(train_cfg.batch_size, train_cfg.grad_accum, world)} | start step {step}",
+    seqgan.log_start(log, header(raw_model, raw_disc, len(ds), train_cfg, model_cfg, loss_cfg, device, world, step),
                      ckpt, train_cfg, world)
     log(f"config: {asdict(train_cfg)} {asdict(model_cfg)} {asdict(loss_cfg)}")
 
@@ -318,8 +349,7 @@ def main(argv=None):
                 group["lr"] = lr
 
             # G: the micro-steps add up the gradient of the global batch, each loss divided by their
-            # number. DDP all-reduces only in the last micro-step's backward: the official way is the
-            # no_sync() context manager, which only toggles this flag (nanoGPT does the same).
+            # number; DDP all-reduces in the last one's backward only (seqgan, "distributed").
             gan_w = seqgan.gan_weight_at(step, loss_cfg) if not model_cfg.feature_dim else 0.0
             opt_g.zero_grad(set_to_none=True)
             xs, x_hats = [], []
@@ -339,31 +369,17 @@ def main(argv=None):
             opt_g.step()
 
             # D, on the same micro-batches and the detached reconstructions
-            d, r1 = zero, zero
             if step >= loss_cfg.gan_start and not model_cfg.feature_dim:
-                opt_d.zero_grad(set_to_none=True)
-                for micro in range(accum):
-                    if ddp:
-                        disc.require_backward_grad_sync = micro == accum - 1
-                    d_m, r1_m = seqgan.d_backward(disc, xs[micro], x_hats[micro], loss_cfg, step, 1 / accum)
-                    d, r1 = d + d_m / accum, r1 + r1_m / accum
-                opt_d.step()
-            means.add(dict(d_loss=d, r1=r1))
+                means.add(d_step(disc, opt_d, xs, x_hats, loss_cfg, step, ddp))
+            else:
+                means.add(dict(d_loss=zero, r1=zero))
             means.steps += 1
             step += 1
             bar.update(1)
 
             if step % train_cfg.log_every == 0 or step == train_cfg.steps:
                 ips = means.steps * global_batch / (time.time() - t0)
-                vals = means.read(world, step, train_cfg.lr, ckpt_path)
-                usage, ppl = seqgan.codebook_usage(seqgan.all_reduce_sum(counts))
-                # Under DDP the entropy term (and its log) is of each rank's batch, averaged over the ranks:
-                # the quantizer's soft usage is a mean over the rank's own positions, not over the global batch.
-                log(f"step {step} | " + " ".join(f"{k} {v:.4f}" for k, v in vals.items())
-                    + f" | H/logK {vals['entropy'] / math.log(model_cfg.n_codes):.3f}"
-                    + f" | usage {usage.item():.3f} ppl {ppl.item():.1f} | gan_w {gan_w:.3f} lr {lr:.2e} | {ips:.1f} img/s")
-                bar.set_postfix(l1=f"{vals['l1']:.3f}", usage=f"{usage.item():.2f}", ips=f"{ips:.0f}")
-                counts.zero_()
+                log_step(log, bar, means.read(world, step, train_cfg.lr, ckpt_path), counts, step, gan_w, lr, ips)
                 t0 = time.time()
             if master and (step % train_cfg.eval_every == 0 or step == train_cfg.steps):
                 eval_and_save(raw_model, val, step, train_cfg, model_cfg, device, ctx, log, save)
