@@ -1,8 +1,12 @@
 """
 The specification of seqgan.py and its scripts, as tests. CPU only, tiny models, no network:
-VGG16 and Inception are randomly initialised *on purpose* (--vgg-weights random).
+VGG16 and Inception are randomly initialised *on purpose* (--vgg-weights random). Ordered as the
+paper (and seqgan.py): quantizer, perceptual loss, tokenizer and discriminator, related objectives,
+priors and samplers, metrics; then the scripts end to end, bad input, and torchrun.
 
-  python -m pytest -q test_seqgan.py
+  python -m pytest -q test_seqgan.py                  # everything (minutes)
+  python -m pytest -q -m "not slow" test_seqgan.py    # the method's specification (seconds): no torchrun,
+                                                      # no end-to-end script runs (marked slow, pytest.ini)
 """
 
 import copy
@@ -159,7 +163,248 @@ def test_codebook_usage_and_perplexity():
 
 
 # -----------------------------------------------------------------------------
-# related objectives as switches: Reg-VQ and VQ-KD
+# perceptual loss (Eq. 3)
+
+
+def test_perceptual_taps_are_the_named_vgg16_layers(random_vgg):
+    """The five taps are the outputs of torchvision's vgg16 ReLUs relu1_2 ... relu5_3 (indices
+    3, 8, 15, 22, 29 of .features) and 'logits' is the full classifier output before softmax."""
+    feats = random_vgg.features
+    convs_before = {3: 64, 8: 128, 15: 256, 22: 512, 29: 512}
+    for i, c in convs_before.items():
+        assert isinstance(feats[i], torch.nn.ReLU) and feats[i - 1].out_channels == c
+    loss = S.PerceptualLoss(0.5, random_vgg)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    out = loss.features(x, logits=True)
+    h = ((x + 1) / 2 - loss.mean) / loss.std
+    for i, name in S.VGG_TAPS.items():
+        assert torch.allclose(out[name], feats[: i + 1](h), atol=1e-5), name
+    assert torch.allclose(out["logits"], random_vgg(h), atol=1e-4)
+    assert set(out) == set(S.LOW_LAYERS) | set(S.SEM_LAYERS)
+
+
+def test_perceptual_alpha_mixes_as_eq3(random_vgg):
+    """L_alpha = alpha * (mse5_3 + mse_logits) + (1 - alpha) * (mse1_2 + ... + mse5_3); at alpha = 0
+    the classifier never runs."""
+    torch.manual_seed(0)
+    x, y = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    ref = S.PerceptualLoss(1.0, random_vgg)
+    fx, fy = ref.features(x, logits=True), ref.features(y, logits=True)
+    mse = {k: F.mse_loss(fx[k], fy[k]) for k in fx}
+    low = sum(mse[k] for k in ("relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3"))
+    sem = mse["relu5_3"] + mse["logits"]
+    calls = []
+    hook = random_vgg.classifier.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        for alpha in (0.0, 0.3, 1.0):
+            calls.clear()
+            value, terms = S.PerceptualLoss(alpha, random_vgg, norm="none")(x, y)
+            assert torch.allclose(value, alpha * sem + (1 - alpha) * low, rtol=1e-5)
+            assert len(calls) == (0 if alpha == 0 else 2)
+    finally:
+        hook.remove()
+
+
+def test_energy_norm_divides_each_layer_by_the_target_energy(random_vgg):
+    """Default per-layer error: MSE(phi(x_hat), phi(x)) / mean(phi(x)^2); 1 for an all-zero feature map."""
+    torch.manual_seed(0)
+    x, y = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    loss = S.PerceptualLoss(1.0, random_vgg)
+    assert loss.norm == "energy" and S.LossConfig().perceptual_norm == "energy"
+    fx, fy = loss.features(x, logits=True), loss.features(y, logits=True)
+    rel = {k: F.mse_loss(fx[k], fy[k]) / fy[k].pow(2).mean() for k in fx}
+    value, terms = loss(x, y)
+    assert torch.allclose(value, rel["relu5_3"] + rel["logits"], rtol=1e-5)
+    assert torch.allclose(loss.layer_error(torch.zeros_like(fy["relu3_3"]), fy["relu3_3"]), torch.tensor(1.0))
+    with pytest.raises(S.SeqganError, match="unknown --perceptual-norm"):
+        S.PerceptualLoss(1.0, random_vgg, norm="lpips")
+
+
+def scaled_vgg(vgg, s):
+    """A copy of vgg whose every activation (taps and logits) is s times larger: conv1_1's weight and
+    every bias times s (ReLU, max-pool and the linear layers commute with a positive scale)."""
+    vgg = copy.deepcopy(vgg)
+    layers = [m for m in list(vgg.features) + list(vgg.classifier) if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    with torch.no_grad():
+        layers[0].weight.mul_(s)
+        for m in layers:
+            m.bias.mul_(s)
+    return vgg
+
+
+def test_perceptual_balance_is_independent_of_vgg_scale(random_vgg):
+    """Issue 12: the balance of L_alpha against the pixel L1 must not depend on the VGG checkpoint's
+    activation scale. With every activation 0.1x or 10x larger, the default (energy) terms stay the same
+    and neither L_sem nor L_low exceeds 10 x the L1 term; the paper's plain MSE moves by s^2."""
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    x_hat = (x + 0.5 * torch.randn_like(x)).clamp(-1, 1)
+    l1 = (x_hat - x).abs().mean()
+    f = S.PerceptualLoss(1.0, random_vgg).features(x, logits=True)
+    assert torch.allclose(S.PerceptualLoss(1.0, scaled_vgg(random_vgg, 10.0)).features(x, logits=True)["logits"],
+                          10 * f["logits"], rtol=1e-4, atol=1e-5)
+    for alpha in (0.0, 1.0):
+        ref, _ = S.PerceptualLoss(alpha, random_vgg)(x_hat, x)
+        plain, _ = S.PerceptualLoss(alpha, random_vgg, norm="none")(x_hat, x)
+        for s in (0.1, 10.0):
+            vgg = scaled_vgg(random_vgg, s)
+            value, _ = S.PerceptualLoss(alpha, vgg)(x_hat, x)
+            assert torch.allclose(value, ref, rtol=1e-3), (alpha, s)
+            assert value < 10 * l1
+            value_plain, _ = S.PerceptualLoss(alpha, vgg, norm="none")(x_hat, x)
+            assert torch.allclose(value_plain, s * s * plain, rtol=1e-3)
+
+
+@pytest.mark.slow
+def test_vgg_weights_offline_is_one_clear_error(monkeypatch, tmp_path):
+    """No network: the error names the file and where to put it (no silent random fallback)."""
+    def offline(*a, **k):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(S.SeqganError, match=r"vgg16-397923af\.pth.*--vgg-weights PATH"):
+        S.load_vgg16("imagenet")
+
+
+@pytest.mark.slow
+def test_vgg_weights_from_local_path(tmp_path, random_vgg):
+    path = tmp_path / "vgg.pth"
+    torch.save(random_vgg.state_dict(), path)
+    vgg = S.load_vgg16(str(path))
+    assert torch.equal(vgg.features[0].weight, random_vgg.features[0].weight)
+    torch.save({"nope": torch.zeros(1)}, path)
+    with pytest.raises(S.SeqganError, match="not a torchvision VGG16 state dict"):
+        S.load_vgg16(str(path))
+
+
+# -----------------------------------------------------------------------------
+# model shape, attention, discriminator, the whole generator objective
+
+
+def test_paper_preset_matches_table7_size():
+    """Table 7 / section 4: phase 1 has 54.5M parameters, phase 2 57.9M; Table 1's two heavier decoders:
+    "+Conv x2" 70.0M (a second ResBlock where each attention layer goes) and "+Attention x2" 61.4M (two
+    attention layers per slot). One layout (average-pool downsampling) meets all four within 0.2M."""
+    preset = {k: v for k, v in S.PRESETS["paper"].items() if k in S.TokenizerConfig.__dataclass_fields__}
+    cfg = S.TokenizerConfig(**preset)
+    p1 = S.count_params(S.Tokenizer(cfg))
+    p2 = S.count_params(S.Tokenizer(replace(cfg, dec_attn=True)))
+    tok = S.Tokenizer(cfg)
+    # "+Conv x2": the decoder of n_res=4 (still 2 extra plain lowest blocks), the phase-1 encoder and codebook
+    conv_x2 = p1 - S.count_params(tok.decoder) + S.count_params(S.Decoder(replace(cfg, n_res=4, n_res_lowest=6)))
+    attn_x2 = p1 + 2 * (p2 - p1)
+    for count, paper in ((p1, 54.5e6), (p2, 57.9e6), (conv_x2, 70.0e6), (attn_x2, 61.4e6)):
+        assert abs(count - paper) < 0.2e6, (count, paper)
+    assert cfg.grid == 16
+
+
+def naive_block_attention(attn, x):
+    """Reference: full attention over all H*W positions per head, masked to the allowed pairs."""
+    B, C, H, W = x.shape
+    nh, P = attn.n_heads, attn.block
+    q, k, v = attn.qkv(attn.norm(x)).reshape(B, 3, nh, C // nh, H * W).transpose(-1, -2).unbind(1)
+    r, c = torch.arange(H).repeat_interleave(W), torch.arange(W).repeat(H)
+    same_block = ((r[:, None] // P == r[None] // P) & (c[:, None] // P == c[None] // P))
+    same_offset = ((r[:, None] % P == r[None] % P) & (c[:, None] % P == c[None] % P))
+    mask = torch.stack([same_block] * (nh // 2) + [same_offset] * (nh - nh // 2))  # (nh, HW, HW)
+    att = (q @ k.transpose(-1, -2)) / (C // nh) ** 0.5
+    att = att.masked_fill(~mask, float("-inf")).softmax(-1)
+    assert torch.allclose(att.sum(-1), torch.ones(()))  # rows are distributions over the keys
+    o = (att @ v).transpose(-1, -2).reshape(B, C, H, W)
+    return x + attn.proj(o)
+
+
+def test_block_attention_equals_masked_reference():
+    """Section 3.3: half the heads attend within P x P blocks, half across blocks at the same offset."""
+    torch.manual_seed(0)
+    attn = S.BlockAttention(32, n_heads=4, block=2)
+    torch.nn.init.normal_(attn.proj.weight)  # the real init is zero, which would hide errors
+    x = torch.randn(2, 32, 8, 4)
+    assert torch.allclose(attn(x), naive_block_attention(attn, x), atol=1e-4)
+
+
+def test_phase2_decoder_starts_as_phase1_decoder():
+    """Zero-initialised projections: loading phase-1 weights into the enhanced decoder changes nothing."""
+    torch.manual_seed(0)
+    cfg = S.TokenizerConfig(channels=16, n_codes=32, code_dim=8, attn_heads=2)
+    t1 = S.Tokenizer(cfg)
+    t2 = S.Tokenizer(S.TokenizerConfig(**{**cfg.__dict__, "dec_attn": True}))
+    missing, unexpected = t2.load_state_dict(t1.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("decoder.attn.") for k in missing)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert torch.allclose(t1(x)[0], t2(x)[0], atol=1e-5)
+
+
+def test_d_step_leaves_generator_grads_untouched():
+    """The discriminator trains on *detached* reconstructions: no gradient reaches the tokenizer."""
+    torch.manual_seed(0)
+    tok = S.Tokenizer(S.TokenizerConfig(channels=16, n_codes=32, code_dim=8))
+    disc = S.Discriminator(32, 8, 32)
+    opt_d = torch.optim.Adam(disc.parameters(), lr=1e-3)
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    x_hat, _, _ = tok(x)
+    before = [p.detach().clone() for p in disc.parameters()]
+    opt_d.zero_grad(set_to_none=True)
+    loss, r1 = S.d_backward(disc, x, x_hat, S.LossConfig(r1_every=1), step=0)
+    opt_d.step()
+    assert all(p.grad is None for p in tok.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, disc.parameters()))
+    assert r1.item() > 0 and torch.isfinite(loss)
+
+
+@pytest.mark.slow
+def test_compiled_phase1_steps_with_gan_and_r1(image_folder, tmp_path, monkeypatch):
+    """--compile with D and lazy R1 from the first step. R1 is a double backward (create_graph), which a
+    compiled module cannot take, so it runs on the plain D. aot_eager builds the same AOTAutograd graphs
+    as inductor (and fails the same way on R1 through a compiled D) in seconds instead of minutes."""
+    monkeypatch.setattr(train_tokenizer, "COMPILE_BACKEND", "aot_eager")
+    seen, r1_penalty = [], S.r1_penalty
+    monkeypatch.setattr(S, "r1_penalty", lambda disc, x: seen.append(disc) or r1_penalty(disc, x))
+    out = tmp_path / "run"
+    train_tokenizer.main(TINY + ["--data", image_folder, "--compile", "--gan-start", "0", "--r1-every", "1",
+                                 "--steps", "2", "--out", str(out)])
+    assert S.load_checkpoint(str(out / "ckpt.pt"), "tokenizer")["step"] == 2
+    assert len(seen) == 2 and all(type(d) is S.Discriminator for d in seen)
+
+
+def test_gan_weight_warms_up():
+    cfg = S.LossConfig(gan_weight=0.1, gan_start=10, gan_warmup=4)
+    assert [S.gan_weight_at(s, cfg) for s in (9, 10, 11, 13, 20)] == pytest.approx([0, 0.025, 0.05, 0.1, 0.1])
+
+
+def test_generator_objective_adds_the_weighted_terms_phase2_drops_lvq_and_gan_weight_0_never_runs_d(random_vgg):
+    """seqgan.tokenizer_loss: total = l1_weight L1 + perceptual_weight L_alpha (Eq. 3) + gan_w L_adv
+    + L_vq (Eq. 2 and the entropy term, phase 1 only); every term is returned under its name."""
+    torch.manual_seed(0)
+    tok = S.Tokenizer(S.TokenizerConfig(channels=16, n_codes=32, code_dim=8))
+    disc = S.Discriminator(32, 8, 32)
+    perceptual = S.PerceptualLoss(1.0, random_vgg, "energy", 0)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    x_hat, _, q = tok(x)
+    lc = S.LossConfig(l1_weight=2.0, perceptual_weight=0.5)
+    loss, t = S.tokenizer_loss(x, x_hat, q, lc, phase=1, gan_w=0.3, disc=disc, perceptual=perceptual)
+    assert {"loss", "l1", "perceptual", "l_low", "l_sem", "codebook", "commitment", "entropy", "g_adv"} <= set(t)
+    assert t["g_adv"] > 0 and t["perceptual"] > 0 and t["loss"] is loss
+    assert torch.allclose(loss, 2.0 * t["l1"] + 0.5 * t["perceptual"] + 0.3 * t["g_adv"] + q["loss"])
+    loss.backward()
+    assert all(p.grad is None for p in disc.parameters())  # G's term needs D's input gradient only
+    x_hat, _, q = tok(x)
+    loss2, t2 = S.tokenizer_loss(x, x_hat, q, lc, phase=2, gan_w=0.3, disc=disc, perceptual=perceptual)
+    assert torch.allclose(loss2, 2.0 * t2["l1"] + 0.5 * t2["perceptual"] + 0.3 * t2["g_adv"])  # no L_vq
+    assert t2["codebook"] > 0  # still logged
+
+    class NeverCalled(torch.nn.Module):
+        def forward(self, x):
+            raise AssertionError("D ran although the GAN weight is 0")
+
+    x_hat, _, q = tok(x)
+    loss0, t0 = S.tokenizer_loss(x, x_hat, q, lc, phase=1, gan_w=0.0, disc=NeverCalled(), perceptual=perceptual)
+    assert t0["g_adv"] == 0 and torch.allclose(loss0, 2.0 * t0["l1"] + 0.5 * t0["perceptual"] + q["loss"])
+
+
+# -----------------------------------------------------------------------------
+# related objectives as switches (off for SeQ-GAN): Reg-VQ and VQ-KD
 
 
 def test_regvq_prior_kl_is_log_k_minus_entropy_and_the_same_gradient_as_seqgan():
@@ -281,6 +526,19 @@ def test_pcl_is_lower_for_a_perfect_reconstruction_than_for_shuffled_positions()
     assert no_sampling >= 0
 
 
+def test_pcl_weights_each_positive_by_half_of_one_plus_its_relative_sampling_distance():
+    """Reg-VQ's PCL, pinned: w_i = (1 + d_i / mean(d)) / 2, loss = mean_i(logsumexp_j s_ij - w_i s_ii),
+    s_ij = cos(q_i, k_j) / temp over the token-grid positions of one image."""
+    torch.manual_seed(0)
+    f_hat, f = torch.randn(1, 8, 1, 2), torch.randn(1, 8, 1, 2)
+    d = torch.tensor([[[0.0, 2.0]]])  # mean 1 -> weights 0.5 and 1.5
+    q, k = F.normalize(f_hat.flatten(2), dim=1)[0], F.normalize(f.flatten(2), dim=1)[0]  # (C, 2)
+    s = q.t() @ k / 0.1  # (2, 2)
+    w = torch.tensor([0.5, 1.5])
+    expected = (torch.logsumexp(s, dim=1) - w * s.diagonal()).mean()
+    assert torch.allclose(S.pcl_loss(f_hat, f, d, 0.1), expected, atol=1e-6)
+
+
 def test_vqkd_phase1_has_no_pixel_decoder_and_learns_a_toy_teacher():
     """VQ-KD phase 1: only encoder, codebook and a feature decoder exist and get gradients, and the
     cosine feature loss falls when fitting a fixed teacher."""
@@ -309,214 +567,6 @@ def test_unknown_objective_and_bad_mask_ratio_are_one_clear_error():
         S.TokenizerConfig(objective="vq2")
     with pytest.raises(S.SeqganError, match=r"--mask-ratio 1.5 is outside \[0, 1\]"):
         S.TokenizerConfig(mask_ratio=1.5)
-
-
-# -----------------------------------------------------------------------------
-# perceptual loss (Eq. 3)
-
-
-def test_perceptual_taps_are_the_named_vgg16_layers(random_vgg):
-    """The five taps are the outputs of torchvision's vgg16 ReLUs relu1_2 ... relu5_3 (indices
-    3, 8, 15, 22, 29 of .features) and 'logits' is the full classifier output before softmax."""
-    feats = random_vgg.features
-    convs_before = {3: 64, 8: 128, 15: 256, 22: 512, 29: 512}
-    for i, c in convs_before.items():
-        assert isinstance(feats[i], torch.nn.ReLU) and feats[i - 1].out_channels == c
-    loss = S.PerceptualLoss(0.5, random_vgg)
-    x = torch.rand(2, 3, 32, 32) * 2 - 1
-    out = loss.features(x, logits=True)
-    h = ((x + 1) / 2 - loss.mean) / loss.std
-    for i, name in S.VGG_TAPS.items():
-        assert torch.allclose(out[name], feats[: i + 1](h), atol=1e-5), name
-    assert torch.allclose(out["logits"], random_vgg(h), atol=1e-4)
-    assert set(out) == set(S.LOW_LAYERS) | set(S.SEM_LAYERS)
-
-
-def test_perceptual_alpha_mixes_as_eq3(random_vgg):
-    """L_alpha = alpha * (mse5_3 + mse_logits) + (1 - alpha) * (mse1_2 + ... + mse5_3); at alpha = 0
-    the classifier never runs."""
-    torch.manual_seed(0)
-    x, y = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
-    ref = S.PerceptualLoss(1.0, random_vgg)
-    fx, fy = ref.features(x, logits=True), ref.features(y, logits=True)
-    mse = {k: F.mse_loss(fx[k], fy[k]) for k in fx}
-    low = sum(mse[k] for k in ("relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3"))
-    sem = mse["relu5_3"] + mse["logits"]
-    calls = []
-    hook = random_vgg.classifier.register_forward_hook(lambda *a: calls.append(1))
-    try:
-        for alpha in (0.0, 0.3, 1.0):
-            calls.clear()
-            value, terms = S.PerceptualLoss(alpha, random_vgg, norm="none")(x, y)
-            assert torch.allclose(value, alpha * sem + (1 - alpha) * low, rtol=1e-5)
-            assert len(calls) == (0 if alpha == 0 else 2)
-    finally:
-        hook.remove()
-
-
-def test_energy_norm_divides_each_layer_by_the_target_energy(random_vgg):
-    """Default per-layer error: MSE(phi(x_hat), phi(x)) / mean(phi(x)^2); 1 for an all-zero feature map."""
-    torch.manual_seed(0)
-    x, y = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
-    loss = S.PerceptualLoss(1.0, random_vgg)
-    assert loss.norm == "energy" and S.LossConfig().perceptual_norm == "energy"
-    fx, fy = loss.features(x, logits=True), loss.features(y, logits=True)
-    rel = {k: F.mse_loss(fx[k], fy[k]) / fy[k].pow(2).mean() for k in fx}
-    value, terms = loss(x, y)
-    assert torch.allclose(value, rel["relu5_3"] + rel["logits"], rtol=1e-5)
-    assert torch.allclose(loss.layer_error(torch.zeros_like(fy["relu3_3"]), fy["relu3_3"]), torch.tensor(1.0))
-    with pytest.raises(S.SeqganError, match="unknown --perceptual-norm"):
-        S.PerceptualLoss(1.0, random_vgg, norm="lpips")
-
-
-def scaled_vgg(vgg, s):
-    """A copy of vgg whose every activation (taps and logits) is s times larger: conv1_1's weight and
-    every bias times s (ReLU, max-pool and the linear layers commute with a positive scale)."""
-    vgg = copy.deepcopy(vgg)
-    layers = [m for m in list(vgg.features) + list(vgg.classifier) if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
-    with torch.no_grad():
-        layers[0].weight.mul_(s)
-        for m in layers:
-            m.bias.mul_(s)
-    return vgg
-
-
-def test_perceptual_balance_is_independent_of_vgg_scale(random_vgg):
-    """Issue 12: the balance of L_alpha against the pixel L1 must not depend on the VGG checkpoint's
-    activation scale. With every activation 0.1x or 10x larger, the default (energy) terms stay the same
-    and neither L_sem nor L_low exceeds 10 x the L1 term; the paper's plain MSE moves by s^2."""
-    torch.manual_seed(0)
-    x = torch.rand(4, 3, 32, 32) * 2 - 1
-    x_hat = (x + 0.5 * torch.randn_like(x)).clamp(-1, 1)
-    l1 = (x_hat - x).abs().mean()
-    f = S.PerceptualLoss(1.0, random_vgg).features(x, logits=True)
-    assert torch.allclose(S.PerceptualLoss(1.0, scaled_vgg(random_vgg, 10.0)).features(x, logits=True)["logits"],
-                          10 * f["logits"], rtol=1e-4, atol=1e-5)
-    for alpha in (0.0, 1.0):
-        ref, _ = S.PerceptualLoss(alpha, random_vgg)(x_hat, x)
-        plain, _ = S.PerceptualLoss(alpha, random_vgg, norm="none")(x_hat, x)
-        for s in (0.1, 10.0):
-            vgg = scaled_vgg(random_vgg, s)
-            value, _ = S.PerceptualLoss(alpha, vgg)(x_hat, x)
-            assert torch.allclose(value, ref, rtol=1e-3), (alpha, s)
-            assert value < 10 * l1
-            value_plain, _ = S.PerceptualLoss(alpha, vgg, norm="none")(x_hat, x)
-            assert torch.allclose(value_plain, s * s * plain, rtol=1e-3)
-
-
-def test_vgg_weights_offline_is_one_clear_error(monkeypatch, tmp_path):
-    """No network: the error names the file and where to put it (no silent random fallback)."""
-    def offline(*a, **k):
-        raise urllib.error.URLError("no network")
-
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    with pytest.raises(S.SeqganError, match=r"vgg16-397923af\.pth.*--vgg-weights PATH"):
-        S.load_vgg16("imagenet")
-
-
-def test_vgg_weights_from_local_path(tmp_path, random_vgg):
-    path = tmp_path / "vgg.pth"
-    torch.save(random_vgg.state_dict(), path)
-    vgg = S.load_vgg16(str(path))
-    assert torch.equal(vgg.features[0].weight, random_vgg.features[0].weight)
-    torch.save({"nope": torch.zeros(1)}, path)
-    with pytest.raises(S.SeqganError, match="not a torchvision VGG16 state dict"):
-        S.load_vgg16(str(path))
-
-
-# -----------------------------------------------------------------------------
-# model shape, attention, discriminator
-
-
-def test_paper_preset_matches_table7_size():
-    """Table 7 / section 4: phase 1 has 54.5M parameters, phase 2 57.9M; Table 1's two heavier decoders:
-    "+Conv x2" 70.0M (a second ResBlock where each attention layer goes) and "+Attention x2" 61.4M (two
-    attention layers per slot). One layout (average-pool downsampling) meets all four within 0.2M."""
-    preset = {k: v for k, v in S.PRESETS["paper"].items() if k in S.TokenizerConfig.__dataclass_fields__}
-    cfg = S.TokenizerConfig(**preset)
-    p1 = S.count_params(S.Tokenizer(cfg))
-    p2 = S.count_params(S.Tokenizer(replace(cfg, dec_attn=True)))
-    tok = S.Tokenizer(cfg)
-    # "+Conv x2": the decoder of n_res=4 (still 2 extra plain lowest blocks), the phase-1 encoder and codebook
-    conv_x2 = p1 - S.count_params(tok.decoder) + S.count_params(S.Decoder(replace(cfg, n_res=4, n_res_lowest=6)))
-    attn_x2 = p1 + 2 * (p2 - p1)
-    for count, paper in ((p1, 54.5e6), (p2, 57.9e6), (conv_x2, 70.0e6), (attn_x2, 61.4e6)):
-        assert abs(count - paper) < 0.2e6, (count, paper)
-    assert cfg.grid == 16
-
-
-def naive_block_attention(attn, x):
-    """Reference: full attention over all H*W positions per head, masked to the allowed pairs."""
-    B, C, H, W = x.shape
-    nh, P = attn.n_heads, attn.block
-    q, k, v = attn.qkv(attn.norm(x)).reshape(B, 3, nh, C // nh, H * W).transpose(-1, -2).unbind(1)
-    r, c = torch.arange(H).repeat_interleave(W), torch.arange(W).repeat(H)
-    same_block = ((r[:, None] // P == r[None] // P) & (c[:, None] // P == c[None] // P))
-    same_offset = ((r[:, None] % P == r[None] % P) & (c[:, None] % P == c[None] % P))
-    mask = torch.stack([same_block] * (nh // 2) + [same_offset] * (nh - nh // 2))  # (nh, HW, HW)
-    att = (q @ k.transpose(-1, -2)) / (C // nh) ** 0.5
-    att = att.masked_fill(~mask, float("-inf")).softmax(-1)
-    assert torch.allclose(att.sum(-1), torch.ones(()))  # rows are distributions over the keys
-    o = (att @ v).transpose(-1, -2).reshape(B, C, H, W)
-    return x + attn.proj(o)
-
-
-def test_block_attention_equals_masked_reference():
-    """Section 3.3: half the heads attend within P x P blocks, half across blocks at the same offset."""
-    torch.manual_seed(0)
-    attn = S.BlockAttention(32, n_heads=4, block=2)
-    torch.nn.init.normal_(attn.proj.weight)  # the real init is zero, which would hide errors
-    x = torch.randn(2, 32, 8, 4)
-    assert torch.allclose(attn(x), naive_block_attention(attn, x), atol=1e-4)
-
-
-def test_phase2_decoder_starts_as_phase1_decoder():
-    """Zero-initialised projections: loading phase-1 weights into the enhanced decoder changes nothing."""
-    torch.manual_seed(0)
-    cfg = S.TokenizerConfig(channels=16, n_codes=32, code_dim=8, attn_heads=2)
-    t1 = S.Tokenizer(cfg)
-    t2 = S.Tokenizer(S.TokenizerConfig(**{**cfg.__dict__, "dec_attn": True}))
-    missing, unexpected = t2.load_state_dict(t1.state_dict(), strict=False)
-    assert not unexpected and missing and all(k.startswith("decoder.attn.") for k in missing)
-    x = torch.rand(2, 3, 32, 32) * 2 - 1
-    assert torch.allclose(t1(x)[0], t2(x)[0], atol=1e-5)
-
-
-def test_d_step_leaves_generator_grads_untouched():
-    """The discriminator trains on *detached* reconstructions: no gradient reaches the tokenizer."""
-    torch.manual_seed(0)
-    tok = S.Tokenizer(S.TokenizerConfig(channels=16, n_codes=32, code_dim=8))
-    disc = S.Discriminator(32, 8, 32)
-    opt_d = torch.optim.Adam(disc.parameters(), lr=1e-3)
-    x = torch.rand(4, 3, 32, 32) * 2 - 1
-    x_hat, _, _ = tok(x)
-    before = [p.detach().clone() for p in disc.parameters()]
-    opt_d.zero_grad(set_to_none=True)
-    loss, r1 = S.d_backward(disc, x, x_hat, S.LossConfig(r1_every=1), step=0)
-    opt_d.step()
-    assert all(p.grad is None for p in tok.parameters())
-    assert any(not torch.equal(a, b) for a, b in zip(before, disc.parameters()))
-    assert r1.item() > 0 and torch.isfinite(loss)
-
-
-def test_compiled_phase1_steps_with_gan_and_r1(image_folder, tmp_path, monkeypatch):
-    """--compile with D and lazy R1 from the first step. R1 is a double backward (create_graph), which a
-    compiled module cannot take, so it runs on the plain D. aot_eager builds the same AOTAutograd graphs
-    as inductor (and fails the same way on R1 through a compiled D) in seconds instead of minutes."""
-    monkeypatch.setattr(train_tokenizer, "COMPILE_BACKEND", "aot_eager")
-    seen, r1_penalty = [], S.r1_penalty
-    monkeypatch.setattr(S, "r1_penalty", lambda disc, x: seen.append(disc) or r1_penalty(disc, x))
-    out = tmp_path / "run"
-    train_tokenizer.main(TINY + ["--data", image_folder, "--compile", "--gan-start", "0", "--r1-every", "1",
-                                 "--steps", "2", "--out", str(out)])
-    assert S.load_checkpoint(str(out / "ckpt.pt"), "tokenizer")["step"] == 2
-    assert len(seen) == 2 and all(type(d) is S.Discriminator for d in seen)
-
-
-def test_gan_weight_warms_up():
-    cfg = S.LossConfig(gan_weight=0.1, gan_start=10, gan_warmup=4)
-    assert [S.gan_weight_at(s, cfg) for s in (9, 10, 11, 13, 20)] == pytest.approx([0, 0.025, 0.05, 0.1, 0.1])
 
 
 # -----------------------------------------------------------------------------
@@ -739,6 +789,7 @@ def test_tiny_prior_overfits_a_fixed_batch(causal):
     assert end < (0.1 if causal else 0.5 * math.log(K)), losses
 
 
+@pytest.mark.slow
 def test_compiled_and_eager_paths_agree():
     """--compile changes speed, not the maths: torch.compile'd prior and tokenizer give the eager outputs
     (the same code indices; values to float tolerance). Slow on CPU (compilation), kept tiny."""
@@ -1066,6 +1117,7 @@ def test_network_scales_input_to_plus_minus_one_and_drops_the_fc_bias_for_is_log
     assert torch.allclose(logits, feats @ model.fc.weight.T)
 
 
+@pytest.mark.slow
 def test_random_inception_via_cli_gives_2048_d_stats_and_a_loud_warning(tmp_path, capsys):
     folder = write_images(tmp_path / "imgs", 2)
     out = tmp_path / "s.npz"
@@ -1108,6 +1160,7 @@ def test_mixed_sizes_and_grey_images_match_one_at_a_time(tmp_path):
     assert together.shape == (3, 12) and np.allclose(together, alone, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_cli_fid_folder_vs_stats_file_equals_folder_vs_folder(tmp_path, tiny_features, capsys):
     a = write_images(tmp_path / "a", 16, seed=0)
     b = write_images(tmp_path / "b", 16, seed=1, hi=128)
@@ -1119,6 +1172,7 @@ def test_cli_fid_folder_vs_stats_file_equals_folder_vs_folder(tmp_path, tiny_fea
     assert f"FID {direct['fid']:.4f}  (N=16 {a}, N=16 {b})" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_fid_of_two_statistics_files_needs_no_inception_weights(tmp_path, capsys):
     """Two saved statistics (pytorch-fid's, with mu and sigma only, and ours) are two Gaussians: no network
     is loaded, so a missing weights file (offline, nothing in the hub cache) does not matter."""
@@ -1132,18 +1186,21 @@ def test_fid_of_two_statistics_files_needs_no_inception_weights(tmp_path, capsys
     assert f"(N=? {paths[0]}, N=100 {paths[1]})" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_cli_inception_score_matches_the_function(tmp_path, tiny_features):
     folder = write_images(tmp_path / "imgs", 20)
     _, logits = fid.compute_features(TinyFeatures(), S.list_images(folder), "cpu", num_workers=0)
     assert fid.main([folder, "--is", *CPU])["is"] == fid.inception_score(logits)
 
 
+@pytest.mark.slow
 def test_non_image_files_are_skipped(tmp_path, tiny_features):
     folder = write_images(tmp_path / "imgs", 4)
     (tmp_path / "imgs" / "notes.txt").write_text("not an image")
     assert fid.main([folder, "--save-stats", str(tmp_path / "s.npz"), *CPU])["n"] == 4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv, match", [
     (["MISSING", "OTHER"], "MISSING does not exist"),
     (["EMPTY", "OTHER"], "holds no images"),
@@ -1170,6 +1227,7 @@ def test_bad_inputs_raise_one_line_errors(tmp_path, tiny_features, argv, match):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_corrupt_image_names_the_file_in_one_line_even_from_a_worker(tmp_path, tiny_features, monkeypatch, capsys):
     folder = write_images(tmp_path / "imgs", 3)
     (tmp_path / "imgs" / "bad.png").write_bytes(b"this is not a png")
@@ -1184,6 +1242,7 @@ def test_corrupt_image_names_the_file_in_one_line_even_from_a_worker(tmp_path, t
     assert errors[0].startswith("error: cannot read image") and "bad.png" in errors[0]
 
 
+@pytest.mark.slow
 def test_cli_missing_folder_prints_one_line_and_fails(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(HERE, "fid.py"), str(tmp_path / "missing_dir"),
                         str(tmp_path / "other_dir")], capture_output=True, text=True, cwd=HERE)
@@ -1218,6 +1277,7 @@ def test_recon_metrics_psnr_and_codebook_usage(tmp_path, capsys):
     assert "only 1/16 codes used; raise the entropy weight" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_recon_runs_a_real_tokenizer_checkpoint(tmp_path, tiny_features, capsys):
     cfg = S.TokenizerConfig(image_size=16, channels=32, ch_mult=(1, 2), n_res=1, n_res_lowest=1, n_codes=16, code_dim=8)
     ckpt = dict(kind="tokenizer", model_config=asdict(cfg), model=S.Tokenizer(cfg).state_dict())
@@ -1235,6 +1295,7 @@ def test_cli_recon_runs_a_real_tokenizer_checkpoint(tmp_path, tiny_features, cap
 # the training script end to end
 
 
+@pytest.mark.slow
 def test_phase1_then_phase2_end_to_end(phase1_ckpt, image_folder, tmp_path):
     """Phase 1 writes a checkpoint and grids; phase 2 trains only the decoder (and its attention):
     encoder and codebook tensors are bit-identical before and after, the decoder changed."""
@@ -1255,6 +1316,7 @@ def test_phase1_then_phase2_end_to_end(phase1_ckpt, image_folder, tmp_path):
     assert tok.decode_indices(torch.zeros(1, 8, 8, dtype=torch.long)).shape == (1, 3, 32, 32)
 
 
+@pytest.mark.slow
 def test_perceptual_weight_zero_never_builds_vgg(image_folder, tmp_path, monkeypatch):
     """--perceptual-weight 0 (no PCL, no VQ-KD) trains L1 + VQ (+ GAN) without loading VGG16 at all."""
     def no_vgg(weights):
@@ -1265,6 +1327,7 @@ def test_perceptual_weight_zero_never_builds_vgg(image_folder, tmp_path, monkeyp
     assert S.load_checkpoint(str(out / "ckpt.pt"), "tokenizer")["step"] == 2
 
 
+@pytest.mark.slow
 def test_resume_continues_step_count(image_folder, tmp_path):
     """2 steps, then --resume to 4: the step count, the optimizers and the model carry on."""
     out = str(tmp_path / "run")
@@ -1278,6 +1341,42 @@ def test_resume_continues_step_count(image_folder, tmp_path):
     assert all(s["step"].item() == 4 for s in ck["opt_d"]["state"].values())
     assert not torch.equal(first["model"]["decoder.conv_out.weight"], ck["model"]["decoder.conv_out.weight"])
     assert "start step 2" in open(os.path.join(out, "log.txt")).read()
+
+
+def test_phase1_lr_is_cosine_from_the_paper_lr_to_5e_5_and_phase2_is_constant(tmp_path):
+    """Paper: phase 1 cosine decay 1e-4 -> 5e-5 over the run; phase 2 constant 5e-5. Without --lr each
+    phase gets its paper lr."""
+    def cfg(*argv):
+        return train_tokenizer.configure(train_tokenizer.parse(["--out", str(tmp_path / "x"), *argv]))[0]
+
+    p1 = cfg("--steps", "100")
+    assert p1.lr == 1e-4
+    lrs = [train_tokenizer.get_lr(s, p1) for s in (0, 50, 100)]
+    assert lrs == pytest.approx([1e-4, 7.5e-5, 5e-5])
+    assert train_tokenizer.get_lr(25, p1) == pytest.approx(5e-5 + 0.5 * 5e-5 * (1 + math.cos(math.pi / 4)))
+    p1_lr = cfg("--steps", "100", "--lr", "4e-4")  # a chosen lr decays to 5e-5 as well
+    assert train_tokenizer.get_lr(100, p1_lr) == pytest.approx(5e-5)
+    p2 = replace(p1, phase=2, lr=5e-5)
+    assert {train_tokenizer.get_lr(s, p2) for s in range(0, 101, 10)} == {5e-5}
+
+
+@pytest.mark.slow
+def test_resumed_run_ends_with_the_parameters_of_an_uninterrupted_one(tmp_path):
+    """N steps == N/2 steps + --resume + N/2 steps. One batch holds the whole folder (so the resumed
+    run's reshuffle cannot change what a step sees), the lr is constant (lr = the cosine's floor), and
+    neither D nor VGG takes part: what must carry over is the weights, Adam's moments and the step."""
+    (tmp_path / "four").mkdir()
+    folder = write_class_folder(tmp_path / "four", 4, (32, 32), ("a", "b"))
+    args = TINY + ["--data", folder, "--perceptual-weight", "0", "--gan-start", "100", "--lr", "5e-5",
+                   "--eval-every", "100"]
+    train_tokenizer.main(args + ["--steps", "4", "--out", str(tmp_path / "whole")])
+    train_tokenizer.main(args + ["--steps", "2", "--out", str(tmp_path / "halves")])
+    train_tokenizer.main(args + ["--steps", "4", "--out", str(tmp_path / "halves"), "--resume"])
+    whole = S.load_checkpoint(str(tmp_path / "whole" / "ckpt.pt"), "tokenizer")
+    halves = S.load_checkpoint(str(tmp_path / "halves" / "ckpt.pt"), "tokenizer")
+    assert whole["step"] == halves["step"] == 4
+    for name, p in whole["model"].items():
+        assert torch.allclose(p, halves["model"][name], rtol=1e-4, atol=1e-7), name
 
 
 # -----------------------------------------------------------------------------
@@ -1341,6 +1440,7 @@ def read_png(path):
 # train_prior.py
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["ar", "nar"])
 def test_train_prior_writes_checkpoint_sample_grids_and_log(model, ar_run, nar_run, tokenizer_ckpt):
     out = ar_run if model == "ar" else nar_run
@@ -1365,6 +1465,7 @@ def test_train_prior_writes_checkpoint_sample_grids_and_log(model, ar_run, nar_r
     assert "eval step 4 | val loss" in log and "MFU n/a" in log and "tok/s" in log and "step 4 | loss" in log
 
 
+@pytest.mark.slow
 def test_token_cache_holds_the_tokenizers_codes_and_a_5_percent_val_split(ar_run, tokenizer_ckpt, prior_images):
     """Every 20th image (sorted) is val; tokens are int16 and equal a fresh tokenization."""
     cache = S.load_checkpoint(os.path.join(ar_run, "tokens.pt"), "tokens")
@@ -1380,6 +1481,7 @@ def test_token_cache_holds_the_tokenizers_codes_and_a_5_percent_val_split(ar_run
     assert torch.equal(cache["train_labels"], labels[train]) and torch.equal(cache["val_labels"], labels[val])
 
 
+@pytest.mark.slow
 def test_token_cache_is_reused_and_rebuilt_when_tokenizer_or_data_change(tokenizer_ckpt, prior_images, tmp_path):
     data = str(tmp_path / "data")
     shutil.copytree(prior_images, data)
@@ -1408,6 +1510,7 @@ def test_token_cache_is_reused_and_rebuilt_when_tokenizer_or_data_change(tokeniz
     assert torch.equal(torch.load(cache, weights_only=True)["train"], 31 - first["train"])
 
 
+@pytest.mark.slow
 def test_tokenizer_hash_covers_encoder_codebook_and_config_but_not_the_decoder(tokenizer_ckpt):
     """Phase 2 (new decoder, attention on) keeps the phase-1 tokens; any encoder or codebook change does not."""
     ck = torch.load(tokenizer_ckpt, weights_only=True)
@@ -1429,6 +1532,7 @@ def test_tokenizer_hash_covers_encoder_codebook_and_config_but_not_the_decoder(t
     assert changed(lambda c: c["model_config"].update(image_size=64))
 
 
+@pytest.mark.slow
 def test_prior_resume_continues_step_count(tokenizer_ckpt, tmp_path):
     out = str(tmp_path / "run")
     args = TINY_PRIOR + ["--tokenizer", tokenizer_ckpt, "--out", out]
@@ -1472,6 +1576,7 @@ def test_prior_lr_schedule_is_table10s_closed_form(tokenizer_ckpt):
             tc("ar", **kw)
 
 
+@pytest.mark.slow
 def test_prior_lr_is_logged_and_a_run_resumed_mid_decay_stays_on_the_curve(tokenizer_ckpt, tmp_path, monkeypatch):
     """NAR, 6 steps, linear decay from step 2: stopped after its step-4 checkpoint (mid-decay) and resumed,
     every step uses get_lr(step): the log's lr and the saved optimizer's lr are the closed form's."""
@@ -1501,6 +1606,7 @@ def test_prior_lr_is_logged_and_a_run_resumed_mid_decay_stays_on_the_curve(token
     assert [(int(s), float(v)) for s, v in lrs] == [(2, 1e-4), (4, 7.5e-5), (6, 2.5e-5)]
 
 
+@pytest.mark.slow
 def test_train_prior_bad_input_is_one_clear_error_and_writes_nothing(ar_run, tokenizer_ckpt, tmp_path):
     new = str(tmp_path / "new")
     for argv, match in [
@@ -1554,6 +1660,7 @@ def double_image_size(ck):
 # sample.py
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["ar", "nar"])
 def test_sample_writes_n_decodable_pngs_and_the_settings(model, ar_run, nar_run, tokenizer_ckpt, tmp_path, capsys):
     prior = os.path.join(ar_run if model == "ar" else nar_run, "ckpt.pt")
@@ -1578,6 +1685,7 @@ def test_sample_writes_n_decodable_pngs_and_the_settings(model, ar_run, nar_run,
     assert "phase-1 decoder" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_same_seed_and_batch_size_give_identical_pngs(ar_run, tmp_path):
     def run(name, *extra):
         out = tmp_path / name
@@ -1590,6 +1698,7 @@ def test_same_seed_and_batch_size_give_identical_pngs(ar_run, tmp_path):
     assert run("c", "--seed", "1") != a
 
 
+@pytest.mark.slow
 def test_grid_png_shows_the_first_64_samples_in_rows_of_8(ar_run, tmp_path):
     """--batch-size 24 does not divide 64: the grid is filled across a batch boundary."""
     out = tmp_path / "s"
@@ -1603,6 +1712,7 @@ def test_grid_png_shows_the_first_64_samples_in_rows_of_8(ar_run, tmp_path):
         assert np.abs(cell - read_png(out / f"{i:06d}.png")).max() <= 1
 
 
+@pytest.mark.slow
 def test_fid_of_the_samples_folder_scores_exactly_n_images(ar_run, tmp_path, tiny_features, capsys):
     """The grid goes beside the samples folder, not into it: fid.py on the folder (the README's next
     command) sees the --n samples and nothing else."""
@@ -1614,6 +1724,7 @@ def test_fid_of_the_samples_folder_scores_exactly_n_images(ar_run, tmp_path, tin
     assert f"(N=6 {out}, N=6 {out})" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_classes_cycle_without_class_and_are_fixed_with_it(ar_run, tmp_path, monkeypatch):
     seen = []
     generate = S.generate_ar
@@ -1632,6 +1743,7 @@ def test_classes_cycle_without_class_and_are_fixed_with_it(ar_run, tmp_path, mon
     assert json.load(open(tmp_path / "b" / "sampling.json"))["class"] == 1
 
 
+@pytest.mark.slow
 def test_visualize_writes_input_reconstruction_and_teacher_forced_prediction(ar_run, tokenizer_ckpt, prior_images,
                                                                            tmp_path, capsys):
     """Fig. 4, recomputed independently: [input | decode(s) | decode(argmax of one teacher-forced pass)]."""
@@ -1667,6 +1779,7 @@ def test_visualize_writes_input_reconstruction_and_teacher_forced_prediction(ar_
     assert f"top-1 token accuracy of s' vs s: {acc:.4f}" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_sample_bad_input_is_one_clear_error_and_writes_nothing(ar_run, nar_run, tokenizer_ckpt, tmp_path):
     ar, nar = os.path.join(ar_run, "ckpt.pt"), os.path.join(nar_run, "ckpt.pt")
     (tmp_path / "empty").mkdir()
@@ -1706,6 +1819,7 @@ def test_sample_bad_input_is_one_clear_error_and_writes_nothing(ar_run, nar_run,
     assert os.listdir(out) == ["000000.png"]
 
 
+@pytest.mark.slow
 def test_errors_are_one_line_and_exit_2_from_the_command_line(ar_run, tmp_path):
     """Through S.cli, as both scripts end: one `error:` line, exit code 2, no traceback, nothing written.
     (One subprocess only: starting Python with torch costs seconds.)"""
@@ -1716,6 +1830,7 @@ def test_errors_are_one_line_and_exit_2_from_the_command_line(ar_run, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["regvq", "vqkd"])
 def test_each_objective_runs_phase1_phase2_prior_and_sampling(objective, prior_images, tmp_path):
     """Reg-VQ and VQ-KD are switches of the same scripts: phase 1, phase 2 (VQ-KD: first pixel decoder,
@@ -1748,6 +1863,7 @@ def test_each_objective_runs_phase1_phase2_prior_and_sampling(objective, prior_i
     assert os.path.isfile(tmp_path / "vis" / "visualize.png")
 
 
+@pytest.mark.slow
 def test_vqkd_phase1_checkpoint_is_refused_where_pixels_are_needed(prior_images, ar_run, tmp_path):
     """A VQ-KD phase-1 tokenizer has no pixel decoder: sample.py says to run phase 2; and phase 2 of
     VQ-KD needs a VQ-KD phase-1 checkpoint."""
@@ -1770,6 +1886,7 @@ def test_vqkd_phase1_checkpoint_is_refused_where_pixels_are_needed(prior_images,
 # bad input: one clear line, non-zero exit, nothing overwritten
 
 
+@pytest.mark.slow
 def test_bad_data_folders(tmp_path):
     with pytest.raises(S.SeqganError, match="does not exist"):
         train_tokenizer.main(TINY + ["--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
@@ -1778,6 +1895,7 @@ def test_bad_data_folders(tmp_path):
         train_tokenizer.main(TINY + ["--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
 
 
+@pytest.mark.slow
 def test_bad_flags(image_folder, tmp_path):
     out = ["--data", image_folder, "--out", str(tmp_path / "o")]
     with pytest.raises(S.SeqganError, match=r"outside \[0, 1\]"):
@@ -1792,6 +1910,7 @@ def test_bad_flags(image_folder, tmp_path):
     assert not (tmp_path / "o").exists()  # nothing written by a refused run
 
 
+@pytest.mark.slow
 def test_wrong_phase_and_wrong_config_checkpoints(phase1_ckpt, tmp_path):
     out1 = os.path.dirname(phase1_ckpt)
     with pytest.raises(S.SeqganError, match="phase-1 checkpoint; resume it with --phase 1"):
@@ -1808,6 +1927,7 @@ def test_wrong_phase_and_wrong_config_checkpoints(phase1_ckpt, tmp_path):
         S.load_tokenizer(str(tmp_path / "junk.pt"))
 
 
+@pytest.mark.slow
 def test_existing_checkpoint_is_never_overwritten(phase1_ckpt):
     before = open(phase1_ckpt, "rb").read()
     with pytest.raises(S.SeqganError, match="exists; pass --resume"):
@@ -1844,6 +1964,7 @@ def test_checkpoint_is_fsynced_before_the_rename_and_its_folder_after(tmp_path, 
     assert [c[0] for c in calls] == ["file", "dir"] * 2 and S.load_checkpoint(path, "prior")["step"] == 2
 
 
+@pytest.mark.slow
 def test_unreadable_image_is_one_line_and_exit_2(image_folder, tmp_path):
     """Through a subprocess and a DataLoader worker: stderr holds exactly one line naming the file."""
     bad = tmp_path / "data" / "cls"
@@ -1949,6 +2070,7 @@ def torchrun_env(monkeypatch, local_rank=1, nproc=2):
         monkeypatch.setenv(k, str(v))
 
 
+@pytest.mark.slow
 def test_bad_distributed_setups_are_one_clear_error_before_any_process_waits(monkeypatch, ddp_tokenizer, tmp_path):
     """Refused before init_process_group (which would wait for the other ranks): NCCL on a CPU, an
     unknown backend, a fixed GPU index, more processes on a node than it has GPUs."""
@@ -2012,6 +2134,7 @@ def test_each_sample_depends_on_its_own_generator_only(causal):
 # training under torchrun
 
 
+@pytest.mark.slow
 def test_tokenizer_two_processes_take_the_steps_of_one_process_with_twice_the_batch(ddp_images, tmp_path):
     """Before the GAN starts, with the entropy term off and the plain Eq. 3 MSE (each would see each rank's
     batch only: D's minibatch stddev, the soft code usage, the energy that normalises each VGG layer),
@@ -2073,6 +2196,7 @@ torch.save(dict(model=made[0].state_dict(), disc=made[1].state_dict()),
 """
 
 
+@pytest.mark.slow
 def test_phase2_with_gan_r1_and_accumulation_stays_in_sync_across_ranks(ddp_images, tmp_path):
     """Phase 2 under torchrun: only the decoder trains (DDP syncs what requires grad), D from step 0 with
     R1 every step, 2 micro-steps. Both ranks end with the same weights. R1 bypasses DDP (create_graph):
@@ -2103,6 +2227,7 @@ def test_phase2_with_gan_r1_and_accumulation_stays_in_sync_across_ranks(ddp_imag
     assert files(p2) == ["ckpt.pt", "log.txt", "recon_0000002.png"]
 
 
+@pytest.mark.slow
 def test_prior_two_processes_equal_one_with_twice_the_batch_and_resume(ddp_tokenizer, tmp_path):
     """AR prior, dropout 0: 2 ranks x batch 2 == 1 process x batch 4 == 1 process x 2 x --grad-accum 2, for
     2 steps and again after --resume to step 4 (every rank resumes from rank 0's checkpoint)."""
@@ -2139,6 +2264,7 @@ def test_prior_two_processes_equal_one_with_twice_the_batch_and_resume(ddp_token
 # sample.py and fid.py under torchrun
 
 
+@pytest.mark.slow
 def test_sample_two_processes_write_the_same_pngs_as_one(ddp_prior, tmp_path):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     args = ["--prior", ddp_prior, "--batch-size", "2", "--device", "cpu"]
@@ -2154,6 +2280,7 @@ def test_sample_two_processes_write_the_same_pngs_as_one(ddp_prior, tmp_path):
     assert {**rec1, "out": None, "grid": None} == {**rec2, "out": None, "grid": None}
 
 
+@pytest.mark.slow
 def test_fid_statistics_and_inception_score_with_two_processes_equal_one(tmp_path, capsys):
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -2182,6 +2309,7 @@ if r:
 """
 
 
+@pytest.mark.slow
 def test_recon_metrics_with_two_processes_equal_one(ddp_tokenizer, ddp_images, tmp_path, monkeypatch):
     """fid.py --recon under torchrun: rFID, PSNR and codebook usage over the ranks' shards, as with one."""
     argv = ["--recon", ddp_tokenizer, "--images", ddp_images, "--device", "cpu", "--num-workers", "0", "--batch-size", "5"]
@@ -2197,6 +2325,7 @@ def test_recon_metrics_with_two_processes_equal_one(ddp_tokenizer, ddp_images, t
         assert two[k] == pytest.approx(one[k], rel=1e-5), k
 
 
+@pytest.mark.slow
 def test_an_error_on_one_rank_stops_every_rank_without_a_hang(tmp_path):
     """The broken image sorts last, into rank 1's shard: rank 1 fails while rank 0 waits for its features
     in all_gather; rank 1 exits 2 and torchrun stops rank 0. Nothing is written."""
