@@ -17,6 +17,8 @@ Paper map (equation -> code -> test in test_seqgan.py):
   3.4    entropy of mean usage     VectorQuantizer.forward   test_entropy_term_raises_codebook_usage
   Eq. 3  L_alpha = a L_sem + (1-a) L_low   PerceptualLoss   test_perceptual_taps_are_the_named_vgg16_layers,
                                                              test_perceptual_alpha_mixes_as_eq3
+  3.3    the whole objective: L1 + L_alpha + L_vq (phase 1) + w L_adv   tokenizer_loss
+                                    test_generator_objective_adds_the_weighted_terms_phase2_drops_lvq_and_gan_weight_0_never_runs_d
   Tab. 7 encoder / decoder          Encoder, Decoder          test_paper_preset_matches_table7_size
   3.3    block-regional + dilated attention  BlockAttention  test_block_attention_equals_masked_reference
   GAN    StyleGAN2 D, softplus, lazy R1      Discriminator   test_d_step_leaves_generator_grads_untouched
@@ -26,7 +28,8 @@ Paper map (equation -> code -> test in test_seqgan.py):
   Fig. 4 teacher-forced top-1       teacher_forced_prediction test_teacher_forced_prediction_is_next_token_argmax_given_the_true_prefix
 Related objectives (--objective regvq | vqkd), the same code paths:
   Reg-VQ KL(P || uniform)           VectorQuantizer (kl_uniform)  test_regvq_prior_kl_is_log_k_minus_entropy_and_the_same_gradient_as_seqgan
-  Reg-VQ stochastic mask, PCL       VectorQuantizer (mask_ratio), pcl_loss   test_mask_ratio_one_samples_from_softmax_of_minus_distance
+  Reg-VQ stochastic mask, PCL       stochastic_mask, pcl_loss   test_mask_ratio_one_samples_from_softmax_of_minus_distance,
+                                                              test_pcl_weights_each_positive_by_half_of_one_plus_its_relative_sampling_distance
   VQ-KD feature distillation        FeatureDecoder, feature_kd_loss          test_vqkd_phase1_has_no_pixel_decoder_and_learns_a_toy_teacher
 
 Sections, in the order a reader needs them: configs, building blocks, quantizer, tokenizer, losses
