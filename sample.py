@@ -48,6 +48,10 @@ class SampleConfig:
     visualize: bool = option(False, "Fig. 4 triptychs of --images instead of samples (AR prior only)")
     images: str = option("", "--visualize: folder of images; class subfolders give the labels")
 
+    def __post_init__(self):
+        if self.n < 1 or self.batch_size < 1:
+            raise seqgan.SeqganError("--n and --batch-size must be at least 1")
+
 
 AR_ONLY, NAR_ONLY = ("top_k", "top_p"), ("steps", "choice_temperature")
 
@@ -75,8 +79,6 @@ def check_settings(cfg, given, pcfg, label):
         raise seqgan.SeqganError(f"--class {label} given, but {cfg.prior} is an unconditional prior; drop --class")
     if label is not None and not 0 <= label < pcfg.n_classes:
         raise seqgan.SeqganError(f"--class {label} is out of range: {cfg.prior} knows classes 0..{pcfg.n_classes - 1}")
-    if cfg.n < 1 or cfg.batch_size < 1:
-        raise seqgan.SeqganError("--n and --batch-size must be at least 1")
     temperature = cfg.temperature if cfg.temperature is not None else (
         seqgan.AR_TEMPERATURE if pcfg.causal else seqgan.NAR_TEMPERATURE)
     top_p = cfg.top_p if cfg.top_p is not None else seqgan.AR_TOP_P

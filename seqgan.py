@@ -191,6 +191,10 @@ class PriorConfig:
     dropout: float = option(0.1, "dropout in attention, MLP and embeddings")
     causal: bool = option(True, "True: AR prior, False: NAR (MaskGIT) prior")
 
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise SeqganError(f"--n-embd {self.n_embd} is not divisible by --n-head {self.n_head}")
+
 
 # Table 8: 24 layers, 16 heads, d 768, MLP 3072 (4x), dropout 0.1 -> ~172M params;
 # large: d 1024, MLP 4096 -> ~305M. The paper gives no head count for large: 16 assumed.

@@ -69,6 +69,16 @@ class TrainConfig:
     peak_flops: float = option(0.0, "peak FLOP/s of the accelerator for MFU; 0 = by GPU name (seqgan.PEAK_FLOPS)")
     seed: int = option(0, "random seed")
 
+    def __post_init__(self):
+        if self.steps < 1 or self.batch_size < 1 or self.eval_batches < 1 or self.grad_accum < 1:
+            raise seqgan.SeqganError("--steps, --batch-size, --grad-accum and --eval-batches must be at least 1")
+        if self.lr_decay_start is not None and self.lr_decay_start < 0:
+            raise seqgan.SeqganError(f"--lr-decay-start {self.lr_decay_start} is negative")
+        ar = self.model == "ar"
+        if self.end_lr is not None and (not (0 < self.end_lr if ar else 0 <= self.end_lr) or self.end_lr > self.lr):
+            raise seqgan.SeqganError(f"--end-lr {self.end_lr} must lie in {'(' if ar else '['}0, --lr {self.lr}]"
+                                     + (": the AR prior's decay is exponential, so it cannot reach 0" if ar else ""))
+
 
 # The PriorConfig fields that are flags. n_codes and grid come from the tokenizer, n_classes from the
 # data (or --uncond), causal from --model: a flag for them could only disagree with those.
@@ -120,18 +130,9 @@ def configure(args):
     shape = seqgan.config_from_args(seqgan.PriorConfig, args, defaults)  # n_codes, grid, n_classes, causal: set in main
     if not train_cfg.tokenizer:
         raise seqgan.SeqganError("train_prior.py needs --tokenizer CKPT (the ckpt.pt of a train_tokenizer.py run)")
-    if train_cfg.steps < 1 or train_cfg.batch_size < 1 or train_cfg.eval_batches < 1 or train_cfg.grad_accum < 1:
-        raise seqgan.SeqganError("--steps, --batch-size, --grad-accum and --eval-batches must be at least 1")
-    if shape.n_embd % shape.n_head:
-        raise seqgan.SeqganError(f"--n-embd {shape.n_embd} is not divisible by --n-head {shape.n_head}")
     start, end_lr = LR_DECAY[train_cfg.model]  # Table 10's, where the flags leave them out
     train_cfg = replace(train_cfg, lr_decay_start=start if train_cfg.lr_decay_start is None else train_cfg.lr_decay_start,
                         end_lr=end_lr if train_cfg.end_lr is None else train_cfg.end_lr)
-    if train_cfg.lr_decay_start < 0:
-        raise seqgan.SeqganError(f"--lr-decay-start {train_cfg.lr_decay_start} is negative")
-    if not (0 < train_cfg.end_lr if train_cfg.model == "ar" else 0 <= train_cfg.end_lr) or train_cfg.end_lr > train_cfg.lr:
-        raise seqgan.SeqganError(f"--end-lr {train_cfg.end_lr} must lie in {'(' if train_cfg.model == 'ar' else '['}0, --lr {train_cfg.lr}]"
-                            + (": the AR prior's decay is exponential, so it cannot reach 0" if train_cfg.model == "ar" else ""))
     tok_ckpt = seqgan.load_checkpoint(train_cfg.tokenizer, "tokenizer")
     # the data defaults to what the tokenizer was trained on
     train_cfg = replace(train_cfg, data=train_cfg.data or tok_ckpt["train_config"]["data"],
