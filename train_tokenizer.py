@@ -68,6 +68,7 @@ COMPILE_BACKEND = "inductor"
 
 # The paper's learning rates: phase 1 cosine from 1e-4 to 5e-5, phase 2 constant 5e-5.
 PAPER_LR = {1: 1e-4, 2: 5e-5}
+PHASE1_END_LR = 5e-5
 
 # Phase 2 (section 3.3): alpha = 0, the discriminator carries on from phase 1 without a new warm-up gap.
 PHASE2_DEFAULTS = dict(out="out/tokenizer2", alpha=0.0, gan_start=0, steps=20000)
@@ -153,7 +154,7 @@ def get_lr(step, train_cfg):
     """Phase 1: cosine decay from lr to 5e-5 (paper); phase 2: constant."""
     if train_cfg.phase == 2:
         return train_cfg.lr
-    lr_min = min(train_cfg.lr, 5e-5)
+    lr_min = min(train_cfg.lr, PHASE1_END_LR)
     return lr_min + 0.5 * (train_cfg.lr - lr_min) * (1 + math.cos(math.pi * step / train_cfg.steps))
 
 
