@@ -1328,6 +1328,27 @@ def test_perceptual_weight_zero_never_builds_vgg(image_folder, tmp_path, monkeyp
 
 
 @pytest.mark.slow
+def test_collapse_warning_fires_when_few_codes_are_used(image_folder, tmp_path):
+    """Issue 12: 8 eval images of a 4x4 token grid can use at most 128 of 1024 codes (12.5%); at 16 px
+    with 2 images, at most 32 (3%): the eval line is followed by the collapse warning naming the flags."""
+    out = tmp_path / "run"
+    train_tokenizer.main(TINY + ["--data", image_folder, "--perceptual-weight", "0", "--steps", "2", "--n-codes", "1024",
+                                 "--image-size", "16", "--eval-images", "2", "--out", str(out)])
+    log = open(out / "log.txt").read()
+    assert re.search(r"warning: only \d+/1024 codes used; raise --entropy-weight or lower --entropy-temp", log)
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_with_every_term_and_the_last_checkpoint(image_folder, tmp_path):
+    """Issue 12: an absurd learning rate blows the weights up after one Adam step; the next log line
+    stops the run with one SeqganError naming the step, the terms and the last good checkpoint."""
+    out = tmp_path / "run"
+    with pytest.raises(S.SeqganError, match=r"non-finite loss at step 2: .*l1=.*Last good checkpoint: .*ckpt\.pt"):
+        train_tokenizer.main(TINY + ["--data", image_folder, "--perceptual-weight", "0", "--steps", "4", "--lr", "1e30",
+                                     "--log-every", "2", "--eval-every", "4", "--out", str(out)])
+
+
+@pytest.mark.slow
 def test_resume_continues_step_count(image_folder, tmp_path):
     """2 steps, then --resume to 4: the step count, the optimizers and the model carry on."""
     out = str(tmp_path / "run")
