@@ -16,7 +16,8 @@ Paper map (equation -> code -> test in test_seqgan.py):
          straight-through          VectorQuantizer.forward   test_straight_through_reaches_encoder
   3.4    entropy of mean usage     VectorQuantizer.forward   test_entropy_term_raises_codebook_usage
   Eq. 3  L_alpha = a L_sem + (1-a) L_low   PerceptualLoss   test_perceptual_taps_are_the_named_vgg16_layers,
-                                                             test_perceptual_alpha_mixes_as_eq3
+                                                             test_perceptual_alpha_mixes_as_eq3,
+         per-layer error / target energy (ours)              test_perceptual_balance_is_independent_of_vgg_scale
   3.3    the whole objective: L1 + L_alpha + L_vq (phase 1) + w L_adv   tokenizer_loss
                                     test_generator_objective_adds_the_weighted_terms_phase2_drops_lvq_and_gan_weight_0_never_runs_d
   Tab. 7 encoder / decoder          Encoder, Decoder          test_paper_preset_matches_table7_size
