@@ -160,6 +160,9 @@ class LossConfig:
             raise SeqganError(f"--alpha {self.alpha} is outside [0, 1]")
         if self.teacher_layer not in VGG_CHANNELS:
             raise SeqganError(f"--teacher-layer {self.teacher_layer}: choose from {', '.join(VGG_CHANNELS)}")
+        if self.perceptual_norm not in ("energy", "none"):
+            raise SeqganError(f"unknown --perceptual-norm {self.perceptual_norm}; use energy (default) or none "
+                              "(the paper's plain MSE)")
 
 
 # Named presets are just field overrides; flags given on the command line win.
