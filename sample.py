@@ -82,8 +82,11 @@ def check_settings(cfg, given, pcfg, label):
     temperature = cfg.temperature if cfg.temperature is not None else (
         seqgan.AR_TEMPERATURE if pcfg.causal else seqgan.NAR_TEMPERATURE)
     top_p = cfg.top_p if cfg.top_p is not None else seqgan.AR_TOP_P
-    if temperature < 0 or cfg.choice_temperature < 0 or not 0 <= top_p <= 1 or cfg.top_k < 0:
-        raise seqgan.SeqganError("--temperature, --choice-temperature and --top-k must be >= 0, --top-p in (0, 1]")
+    if temperature <= 0 or not 0 < top_p <= 1:
+        raise seqgan.SeqganError(f"--temperature {temperature} / --top-p {top_p}: the temperature must be > 0 and "
+                                 "--top-p in (0, 1] (for greedy AR decoding use --top-k 1)")
+    if cfg.choice_temperature < 0 or cfg.top_k < 0:
+        raise seqgan.SeqganError("--choice-temperature and --top-k must be >= 0")
     if not pcfg.causal and not 1 <= cfg.steps <= pcfg.grid:
         raise seqgan.SeqganError(f"--steps {cfg.steps}: MaskGIT reveals at least one token per step, so it needs "
                             f"1 to {pcfg.grid} steps (the number of tokens)")

@@ -33,9 +33,9 @@ Related objectives (--objective regvq | vqkd), the same code paths:
                                                               test_pcl_weights_each_positive_by_half_of_one_plus_its_relative_sampling_distance
   VQ-KD feature distillation        FeatureDecoder, feature_kd_loss          test_vqkd_phase1_has_no_pixel_decoder_and_learns_a_toy_teacher
 
-Sections, in the order a reader needs them: configs, building blocks, quantizer, tokenizer, losses
-(Eq. 3 and the whole objective: tokenizer_loss), discriminator, related objectives, priors, samplers,
-metrics; then the scripts' plumbing (command line, devices, torchrun, data, checkpoints).
+Sections, in the order a reader needs them: configs, building blocks, quantizer, tokenizer, the
+perceptual loss (Eq. 3), discriminator, related objectives, the whole objective (tokenizer_loss),
+priors, samplers, metrics; then the scripts' plumbing (command line, devices, torchrun, data, checkpoints).
 """
 
 import argparse
@@ -109,10 +109,11 @@ class TokenizerConfig:
     mask_ratio: float = option(0.0, "Reg-VQ stochastic mask: fraction m of positions quantized by sampling "
                                   "(regvq default 0.4)")
     cosine_codebook: bool = option(False, "l2-normalised codebook, cosine lookup (vqkd default on)")
-    # derived, not flags: train_tokenizer.py sets them from --objective and --phase
+    # derived, not flags: train_tokenizer.py sets these two from --objective and --phase
     feature_dim: int = option(0, "VQ-KD phase 1: decode to this many teacher channels instead of pixels (0 = pixels)",
                               flag=False)
     dec_attn: bool = option(False, "decoder with block-regional + dilated attention (phase 2 turns it on)", flag=False)
+
     attn_heads: int = option(8, "attention heads in the phase-2 decoder (even: half regional, half dilated)")
     attn_block: int = option(4, "block size P of the phase-2 attention")
 
@@ -130,8 +131,16 @@ class TokenizerConfig:
 
     @property
     def grid(self):
-        """Tokens per side: image_size / f."""
+        """Tokens per side: image_size / f (PriorConfig.grid counts all h*w tokens)."""
         return self.image_size // 2 ** (len(self.ch_mult) - 1)
+
+
+# VGG16's taps (indices into torchvision's vgg16().features), named here because LossConfig checks
+# layer names against them; Eq. 3's two sets: L_low = relu1_2..relu5_3, L_sem = relu5_3 + logits.
+VGG_TAPS = {3: "relu1_2", 8: "relu2_2", 15: "relu3_3", 22: "relu4_3", 29: "relu5_3"}
+VGG_CHANNELS = {"relu1_2": 64, "relu2_2": 128, "relu3_3": 256, "relu4_3": 512, "relu5_3": 512}
+LOW_LAYERS = ("relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3")
+SEM_LAYERS = ("relu5_3", "logits")
 
 
 @dataclass
@@ -174,8 +183,8 @@ PRESETS = {
     "paper": dict(image_size=256, channels=128, ch_mult=(1, 1, 2, 2, 4), attn_block=8,
                   r1_gamma=1.0, gan_start=50000, disc_channels=64),
     # 2 CPU cores, Fashion-MNIST: a 1.1M tokenizer (K = 256 codes of 32-d), 8x8 tokens, D from step 400
-    # of 600. Phase 1 takes about 10 minutes with the ImageNet VGG16 (README, "A CPU classroom run").
-    # lr 4e-4 (4x the paper's 1e-4, cosine to 5e-5): L1 0.58 vs 0.77 at step 100 (README, "A CPU classroom run").
+    # of 600, lr 4e-4 (4x the paper's 1e-4, cosine to 5e-5). Phase 1 with the ImageNet VGG16 logs about
+    # 11 images/s on 2 cores (README, "A CPU classroom run"; expected losses in "Expected numbers").
     "cpu": dict(data="fashion-mnist", channels=32, code_dim=32, n_codes=256, batch_size=16, steps=600, lr=4e-4,
                 perceptual_weight=0.1, gan_start=400, gan_warmup=100, disc_channels=32, log_every=50, eval_every=300, eval_images=500,
                 num_workers=0),
@@ -187,7 +196,7 @@ class PriorConfig:
     """Shape of the prior transformer (Table 8). n_codes, grid and n_classes come from the tokenizer
     and the data, causal from --model ar|nar; the rest are flags of train_prior.py."""
     n_codes: int = option(1024, "K, the tokenizer's codebook size")
-    grid: int = option(64, "h*w tokens per image (8x8 classroom, 16x16 paper)")
+    grid: int = option(64, "h*w tokens per image (8x8 classroom, 16x16 paper)")  # TokenizerConfig.grid is h alone
     n_classes: int = option(0, "classes for conditioning; 0 = unconditional")
     n_layer: int = option(8, "transformer layers")
     n_head: int = option(8, "attention heads")
@@ -342,12 +351,30 @@ class VectorQuantizer(nn.Module):
             # Straight-through: the forward value is z_q, the backward pass copies the gradient to z_e.
             z_st = z + (z_q - z).detach()
             sample_dist, sample_changed = torch.zeros_like(d[:, 0]), torch.zeros((), device=z.device)
-            if self.training and self.mask_ratio > 0:  # Reg-VQ only (related objectives, below)
+            if self.training and self.mask_ratio > 0:  # Reg-VQ only (stochastic_mask, just below)
                 z_st, idx, sample_dist, sample_changed = stochastic_mask(logits, e, z_q, z_st, idx, self.mask_ratio)
         z_q = z_st.reshape(B, h, w, D).permute(0, 3, 1, 2).to(z_e.dtype)
         terms = dict(loss=loss, codebook_loss=codebook_loss, commitment_loss=commitment_loss, entropy=entropy,
                      kl_uniform=kl_uniform, sample_dist=sample_dist.reshape(B, h, w), sample_changed=sample_changed)
         return z_q, idx.reshape(B, h, w), terms
+
+
+def stochastic_mask(logits, e, z_q, z_st, idx, mask_ratio):
+    """Reg-VQ's stochastic mask, applied to flat quantizer outputs: a random fraction mask_ratio of the
+    positions takes a code *sampled* from softmax(logits) = softmax(-D / tau) by Gumbel-max instead of
+    the nearest one; the gradient flows through the Gumbel-softmax relaxation (straight-through one-hot).
+    logits (N, K), codebook e (K, D), nearest codes z_q (N, D), straight-through z_st (N, D), indices (N,)
+    -> (z_st, idx) with the sampled positions replaced, sample_dist |e_sampled - e_nearest|^2 (N,) (0 where
+    not sampled) and sample_changed, the fraction of sampled positions whose code is not the nearest one."""
+    chosen = torch.rand(len(logits), device=logits.device) < mask_ratio  # (N,)
+    gumbel = -torch.log(-torch.log(torch.rand_like(logits).clamp_min(1e-20)))  # rand < 1: finite
+    soft = F.softmax(logits + gumbel, dim=1)  # (N, K)
+    k = (logits + gumbel).argmax(1)
+    one_hot = F.one_hot(k, len(e)).float() - soft.detach() + soft
+    z_st = torch.where(chosen[:, None], one_hot @ e, z_st)
+    sample_dist = torch.where(chosen, (e[k] - z_q).pow(2).sum(1).detach(), torch.zeros_like(k, dtype=e.dtype))
+    sample_changed = (chosen & (k != idx)).sum() / chosen.sum().clamp_min(1)  # no host sync
+    return z_st, torch.where(chosen, k, idx), sample_dist, sample_changed
 
 
 def count_codes(counts, idx):
@@ -368,7 +395,7 @@ def codebook_usage(counts):
 
 
 class Encoder(nn.Module):
-    """Conv-only encoder: per level n_res ResBlocks then a stride-2 conv; n_res_lowest at the bottom."""
+    """Conv-only encoder: per level n_res ResBlocks then a 2x2 average pool (Downsample); n_res_lowest at the bottom."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -466,6 +493,22 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
+class FeatureDecoder(nn.Module):
+    """VQ-KD phase 1: code vectors (B, D, h, w) -> teacher features (B, feature_dim, h, w) on the token
+    grid. A few ResBlocks at the lowest width; it is dropped when phase 2 builds the pixel decoder."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        c = cfg.channels * cfg.ch_mult[-1]
+        self.conv_in = nn.Conv2d(cfg.code_dim, c, 3, padding=1)
+        self.blocks = nn.Sequential(*[ResBlock(c, c) for _ in range(cfg.n_res)])
+        self.norm_out = Normalize(c)
+        self.conv_out = nn.Conv2d(c, cfg.feature_dim, 1)
+
+    def forward(self, z_q):
+        return self.conv_out(F.silu(self.norm_out(self.blocks(self.conv_in(z_q)))))
+
+
 class Tokenizer(nn.Module):
     """Encoder -> VectorQuantizer -> Decoder. Images are (B, 3, H, W) in [-1, 1]. In VQ-KD phase 1
     (cfg.feature_dim > 0) the decoder is a FeatureDecoder and there is no pixel decoder at all."""
@@ -497,19 +540,7 @@ class Tokenizer(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# losses: the perceptual loss L_alpha (Eq. 3) and the tokenizer's whole generator objective
-
-
-VGG_TAPS = {3: "relu1_2", 8: "relu2_2", 15: "relu3_3", 22: "relu4_3", 29: "relu5_3"}  # torchvision vgg16().features
-
-
-VGG_CHANNELS = {"relu1_2": 64, "relu2_2": 128, "relu3_3": 256, "relu4_3": 512, "relu5_3": 512}
-
-
-LOW_LAYERS = ("relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3")
-
-
-SEM_LAYERS = ("relu5_3", "logits")
+# the perceptual loss L_alpha (Eq. 3): VGG16 features of the reconstruction against the input's
 
 
 def load_vgg16(weights):
@@ -607,51 +638,6 @@ class PerceptualLoss(nn.Module):
         return self.alpha * l_sem + (1 - self.alpha) * l_low, dict(l_low=l_low, l_sem=l_sem, features=(f_hat, f))
 
 
-def tokenizer_loss(x, x_hat, q, loss_cfg, phase=1, gan_w=0.0, disc=None, perceptual=None, vqkd=False):
-    """The generator's loss on one batch, from the tokenizer's output (x_hat, _, q = tokenizer(x)).
-    Returns (total, terms): terms names every logged quantity, total among them as "loss".
-
-      SeQ-GAN, Reg-VQ  total = l1_weight * L1 + perceptual_weight * L_alpha (Eq. 3) + gan_w * L_adv
-                               + L_vq (Eq. 2 and the entropy term; phase 1 only: phase 2 freezes the
-                                 encoder and codebook, their terms are only logged)
-                               + pcl_weight * PCL (Reg-VQ)
-      VQ-KD phase 1    total = KD (1 - cos to the teacher's features; x_hat holds features) + L_vq
-
-    disc may be wrapped in DDP: G's term runs the module inside, since G needs D's input gradient only
-    (D's parameters are left out of the graph, so there is nothing to synchronise). With gan_w = 0, D
-    is not run at all."""
-    zero = torch.zeros((), device=x.device)
-    terms = dict(loss=zero, l1=zero, perceptual=zero, l_low=zero, l_sem=zero, codebook=q["codebook_loss"],
-                 commitment=q["commitment_loss"], entropy=q["entropy"], g_adv=zero, pcl=zero, kd=zero,
-                 sample_changed=q["sample_changed"])
-    if vqkd:
-        with torch.no_grad():
-            teacher = perceptual.features(x, logits=False)[loss_cfg.teacher_layer]
-        terms["kd"] = feature_kd_loss(x_hat, teacher)
-        terms["loss"] = terms["kd"] + q["loss"]
-        return terms["loss"], terms
-    terms["l1"] = (x_hat.float() - x).abs().mean()
-    loss = loss_cfg.l1_weight * terms["l1"]
-    if perceptual is not None:
-        terms["perceptual"], p_terms = perceptual(x_hat, x)
-        terms["l_low"], terms["l_sem"] = p_terms["l_low"], p_terms["l_sem"]
-        loss = loss + loss_cfg.perceptual_weight * terms["perceptual"]
-    if gan_w > 0:
-        disc = getattr(disc, "module", disc)  # DistributedDataParallel wraps the (compiled) module
-        disc.requires_grad_(False)  # the graph keeps D's input gradient, not its parameter gradients
-        terms["g_adv"] = g_loss(disc(x_hat))
-        disc.requires_grad_(True)
-        loss = loss + gan_w * terms["g_adv"]
-    if phase == 1:
-        loss = loss + q["loss"]
-    if loss_cfg.pcl_weight > 0:  # Reg-VQ: contrastive loss on relu3_3 features, pooled to the token grid
-        f_hat, f = p_terms["features"]
-        terms["pcl"] = pcl_loss(f_hat["relu3_3"], f["relu3_3"], q["sample_dist"], loss_cfg.pcl_temp)
-        loss = loss + loss_cfg.pcl_weight * terms["pcl"]
-    terms["loss"] = loss
-    return loss, terms
-
-
 # -----------------------------------------------------------------------------
 # discriminator and GAN loss (StyleGAN2-style, non-saturating, lazy R1)
 
@@ -734,11 +720,12 @@ def r1_penalty(disc, x):
 
 
 def gan_weight_at(step, cfg):
-    """GAN weight of the generator: 0 before gan_start, then a linear ramp over gan_warmup steps.
-    D trains from gan_start, so it has warmed up by the time its gradient reaches G in full."""
-    if step < cfg.gan_start:
+    """GAN weight of the generator: 0 up to gan_start, then a linear ramp over gan_warmup steps.
+    D takes its first step at gan_start (after G's), so G never feels an untrained D, and D has
+    warmed up by the time its gradient reaches G in full."""
+    if step <= cfg.gan_start:
         return 0.0
-    return cfg.gan_weight * min(1.0, (step - cfg.gan_start + 1) / max(1, cfg.gan_warmup))
+    return cfg.gan_weight * min(1.0, (step - cfg.gan_start) / max(1, cfg.gan_warmup))
 
 
 def d_backward(disc, x, x_hat, loss_cfg, step, scale=1.0):
@@ -765,25 +752,8 @@ def d_backward(disc, x, x_hat, loss_cfg, step, scale=1.0):
 
 
 # -----------------------------------------------------------------------------
-# related objectives (off for SeQ-GAN): Reg-VQ's contrastive loss, VQ-KD's feature decoder and distillation
-
-
-def stochastic_mask(logits, e, z_q, z_st, idx, mask_ratio):
-    """Reg-VQ's stochastic mask, applied to flat quantizer outputs: a random fraction mask_ratio of the
-    positions takes a code *sampled* from softmax(logits) = softmax(-D / tau) by Gumbel-max instead of
-    the nearest one; the gradient flows through the Gumbel-softmax relaxation (straight-through one-hot).
-    logits (N, K), codebook e (K, D), nearest codes z_q (N, D), straight-through z_st (N, D), indices (N,)
-    -> (z_st, idx) with the sampled positions replaced, sample_dist |e_sampled - e_nearest|^2 (N,) (0 where
-    not sampled) and sample_changed, the fraction of sampled positions whose code is not the nearest one."""
-    chosen = torch.rand(len(logits), device=logits.device) < mask_ratio  # (N,)
-    gumbel = -torch.log(-torch.log(torch.rand_like(logits).clamp_min(1e-20)))  # rand < 1: finite
-    soft = F.softmax(logits + gumbel, dim=1)  # (N, K)
-    k = (logits + gumbel).argmax(1)
-    one_hot = F.one_hot(k, len(e)).float() - soft.detach() + soft
-    z_st = torch.where(chosen[:, None], one_hot @ e, z_st)
-    sample_dist = torch.where(chosen, (e[k] - z_q).pow(2).sum(1).detach(), torch.zeros_like(k, dtype=e.dtype))
-    sample_changed = (chosen & (k != idx)).sum() / chosen.sum().clamp_min(1)  # no host sync
-    return z_st, torch.where(chosen, k, idx), sample_dist, sample_changed
+# related objectives (off for SeQ-GAN): Reg-VQ's contrastive loss, VQ-KD's distillation (their
+# quantizer and decoder switches, stochastic_mask and FeatureDecoder, sit with the quantizer and tokenizer)
 
 
 def pcl_loss(f_hat, f, sample_dist, temp):
@@ -804,28 +774,61 @@ def pcl_loss(f_hat, f, sample_dist, temp):
     return (torch.logsumexp(logits, dim=2) - weight * positive).mean()
 
 
-class FeatureDecoder(nn.Module):
-    """VQ-KD phase 1: code vectors (B, D, h, w) -> teacher features (B, feature_dim, h, w) on the token
-    grid. A few ResBlocks at the lowest width; it is dropped when phase 2 builds the pixel decoder."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        c = cfg.channels * cfg.ch_mult[-1]
-        self.conv_in = nn.Conv2d(cfg.code_dim, c, 3, padding=1)
-        self.blocks = nn.Sequential(*[ResBlock(c, c) for _ in range(cfg.n_res)])
-        self.norm_out = Normalize(c)
-        self.conv_out = nn.Conv2d(c, cfg.feature_dim, 1)
-
-    def forward(self, z_q):
-        return self.conv_out(F.silu(self.norm_out(self.blocks(self.conv_in(z_q)))))
-
-
 def feature_kd_loss(f_pred, teacher):
     """VQ-KD phase 1: 1 - cos(predicted, teacher feature) per token position, averaged. The teacher map
     (B, C, H, W) is resized to the token grid of f_pred (B, C, h, w)."""
     t = F.interpolate(teacher.float(), size=f_pred.shape[-2:], mode="bilinear", align_corners=False,
                       antialias=teacher.shape[-1] > f_pred.shape[-1])
     return (1 - F.cosine_similarity(f_pred.float(), t, dim=1)).mean()
+
+
+# -----------------------------------------------------------------------------
+# the tokenizer's whole generator objective: the parts above (L1, VQ, L_alpha, GAN, PCL, VQ-KD) in one sum
+
+
+def tokenizer_loss(x, x_hat, q, loss_cfg, phase=1, gan_w=0.0, disc=None, perceptual=None, vqkd=False):
+    """The generator's loss on one batch, from the tokenizer's output (x_hat, _, q = tokenizer(x)).
+    Returns (total, terms): terms names every logged quantity, total among them as "loss".
+
+      SeQ-GAN, Reg-VQ  total = l1_weight * L1 + perceptual_weight * L_alpha (Eq. 3) + gan_w * L_adv
+                               + L_vq (Eq. 2 and the entropy term; phase 1 only: phase 2 freezes the
+                                 encoder and codebook, their terms are only logged)
+                               + pcl_weight * PCL (Reg-VQ)
+      VQ-KD phase 1    total = KD (1 - cos to the teacher's features; x_hat holds features) + L_vq
+
+    disc may be wrapped in DDP: G's term runs the module inside, since G needs D's input gradient only
+    (D's parameters are left out of the graph, so there is nothing to synchronise). With gan_w = 0, D
+    is not run at all."""
+    zero = torch.zeros((), device=x.device)
+    terms = dict(loss=zero, l1=zero, perceptual=zero, l_low=zero, l_sem=zero, codebook=q["codebook_loss"],
+                 commitment=q["commitment_loss"], entropy=q["entropy"], g_adv=zero, pcl=zero, kd=zero,
+                 sample_changed=q["sample_changed"])
+    if vqkd:
+        with torch.no_grad():
+            teacher = perceptual.features(x, logits=False)[loss_cfg.teacher_layer]
+        terms["kd"] = feature_kd_loss(x_hat, teacher)
+        terms["loss"] = terms["kd"] + q["loss"]
+        return terms["loss"], terms
+    terms["l1"] = (x_hat.float() - x).abs().mean()
+    loss = loss_cfg.l1_weight * terms["l1"]
+    if perceptual is not None:
+        terms["perceptual"], p_terms = perceptual(x_hat, x)
+        terms["l_low"], terms["l_sem"] = p_terms["l_low"], p_terms["l_sem"]
+        loss = loss + loss_cfg.perceptual_weight * terms["perceptual"]
+    if gan_w > 0:
+        disc = getattr(disc, "module", disc)  # DistributedDataParallel wraps the (compiled) module
+        disc.requires_grad_(False)  # the graph keeps D's input gradient, not its parameter gradients
+        terms["g_adv"] = g_loss(disc(x_hat))
+        disc.requires_grad_(True)
+        loss = loss + gan_w * terms["g_adv"]
+    if phase == 1:
+        loss = loss + q["loss"]
+    if loss_cfg.pcl_weight > 0:  # Reg-VQ: contrastive loss on relu3_3 features, pooled to the token grid
+        f_hat, f = p_terms["features"]
+        terms["pcl"] = pcl_loss(f_hat["relu3_3"], f["relu3_3"], q["sample_dist"], loss_cfg.pcl_temp)
+        loss = loss + loss_cfg.pcl_weight * terms["pcl"]
+    terms["loss"] = loss
+    return loss, terms
 
 
 # -----------------------------------------------------------------------------
@@ -890,8 +893,8 @@ class Prior(nn.Module):
 
     The input sequence is [c, s_0, s_1, ...]: position 0 holds the class token
     (or a dedicated start token when unconditional), then the image tokens in raster
-    order. forward(idx, y) returns logits (B, t, K) where row j scores image token j:
-    AR from tokens < j only, NAR from the whole (partly masked) grid.
+    order. forward(idx, y) returns logits whose row j scores image token j: AR from
+    tokens < j only, NAR from the whole (partly masked) grid.
     """
 
     def __init__(self, cfg):
@@ -933,7 +936,8 @@ class Prior(nn.Module):
         return self.head(self.ln_f(x))
 
     def forward(self, idx, y=None):
-        """idx (B, t) ids, y (B,) classes or None -> logits (B, t, K); AR also accepts t < grid."""
+        """idx (B, t) ids, y (B,) classes or None -> logits. NAR: t = grid, (B, grid, K). AR also
+        accepts a prefix t < grid: (B, min(t + 1, grid), K), whose last row scores the next token s_t."""
         N = self.cfg.grid
         assert idx.size(1) <= N
         x = self.embed(idx, y)
@@ -1034,7 +1038,7 @@ def top_p_filter(logits, p):
         return logits
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     probs = sorted_logits.softmax(-1)
-    # Drop a token when the mass ranked above it already reaches p; the top token always stays.
+    # Drop a token when the mass ranked above it already reaches p; for p > 0 the top token always stays.
     drop_sorted = probs.cumsum(-1) - probs >= p
     drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
     return logits.masked_fill(drop, float("-inf"))
@@ -1059,7 +1063,7 @@ def sample_probs(probs, u):
 
 
 def sample_logits(logits, u, temperature=1.0, top_k=0, top_p=1.0):
-    """(B, K) logits and (B,) uniforms -> (B, 1) sampled ids: temperature, then top-k, then top-p."""
+    """(B, K) logits and (B,) uniforms -> (B, 1) sampled ids: temperature (> 0), then top-k, then top-p (> 0)."""
     logits = top_p_filter(top_k_filter(logits.float() / temperature, top_k), top_p)
     return sample_probs(logits.softmax(-1), u)[:, None]
 

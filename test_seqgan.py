@@ -370,7 +370,7 @@ def test_compiled_phase1_steps_with_gan_and_r1(image_folder, tmp_path, monkeypat
 
 def test_gan_weight_warms_up():
     cfg = S.LossConfig(gan_weight=0.1, gan_start=10, gan_warmup=4)
-    assert [S.gan_weight_at(s, cfg) for s in (9, 10, 11, 13, 20)] == pytest.approx([0, 0.025, 0.05, 0.1, 0.1])
+    assert [S.gan_weight_at(s, cfg) for s in (9, 10, 11, 12, 14, 20)] == pytest.approx([0, 0, 0.025, 0.05, 0.1, 0.1])
 
 
 def test_generator_objective_adds_the_weighted_terms_phase2_drops_lvq_and_gan_weight_0_never_runs_d(random_vgg):
@@ -1382,6 +1382,20 @@ def test_phase1_lr_is_cosine_from_the_paper_lr_to_5e_5_and_phase2_is_constant(tm
 
 
 @pytest.mark.slow
+def test_phase2_schedule_follows_the_phase1_preset(phase1_ckpt, tmp_path):
+    """Phase 2 after --preset cpu runs the README's 300 steps at 2e-4, not the paper's 20,000 at 5e-5;
+    flags still win, and other presets keep the paper's schedule."""
+    def cfg(init, *argv):
+        return train_tokenizer.configure(train_tokenizer.parse(
+            ["--phase", "2", "--init", init, "--out", str(tmp_path / "p2"), *argv]))[0]
+
+    cpu = edited_tokenizer(phase1_ckpt, tmp_path / "cpu.pt", lambda ck: ck["train_config"].update(preset="cpu"))
+    assert (cfg(cpu).steps, cfg(cpu).lr) == (300, 2e-4)
+    assert (cfg(cpu, "--steps", "50", "--lr", "1e-4").steps, cfg(cpu, "--lr", "1e-4").lr) == (50, 1e-4)
+    assert (cfg(phase1_ckpt).steps, cfg(phase1_ckpt).lr) == (20000, 5e-5)
+
+
+@pytest.mark.slow
 def test_resumed_run_ends_with_the_parameters_of_an_uninterrupted_one(tmp_path):
     """N steps == N/2 steps + --resume + N/2 steps. One batch holds the whole folder (so the resumed
     run's reshuffle cannot change what a step sees), the lr is constant (lr = the cosine's floor), and
@@ -1828,6 +1842,10 @@ def test_sample_bad_input_is_one_clear_error_and_writes_nothing(ar_run, nar_run,
         ([], "needs --prior CKPT"),
         (["--prior", moved], "the prior's tokenizer .*gone.pt is gone; pass --tokenizer"),
         (["--prior", ar, "--n", "0"], "--n and --batch-size must be at least 1"),
+        (["--prior", ar, "--temperature", "0"], r"the temperature must be > 0 .*--top-k 1"),
+        (["--prior", nar, "--temperature", "-1"], "the temperature must be > 0"),
+        (["--prior", ar, "--top-p", "0"], r"--top-p in \(0, 1\]"),
+        (["--prior", ar, "--top-k", "-2"], "--top-k must be >= 0"),
     ]:
         with pytest.raises(S.SeqganError, match=match):
             sample.main(argv + ["--device", "cpu", "--out", out])

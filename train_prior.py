@@ -11,8 +11,8 @@ raster order) or NAR (MaskGIT: bidirectional, masked tokens). The dataset is tok
 
 CPU smoke run on the tokenizer of train_tokenizer.py's smoke run (tokenizing Fashion-MNIST's 70k images
 takes a minute or two, once):
-  python train_prior.py --tokenizer out/tokenizer/ckpt.pt --n-layer 2 --n-head 4 --n-embd 64 \
-      --steps 40 --batch-size 16 --log-every 10 --eval-every 20
+  python train_prior.py --tokenizer out/smoke/ckpt.pt --n-layer 2 --n-head 4 --n-embd 64 \
+      --steps 40 --batch-size 16 --log-every 10 --eval-every 20 --out out/smoke_ar
 """
 
 import argparse

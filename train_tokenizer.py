@@ -8,7 +8,7 @@ Train the SeQ-GAN tokenizer. Phase 1 (semantic compression) then phase 2 (detail
       --batch-size 32 --out out/ffhq                           # 8 GPUs (DDP): global batch 8 x 32 = 256
 
 CPU smoke run (a minute; random VGG, so only the plumbing is meaningful; real Fashion-MNIST images):
-  python train_tokenizer.py --data fashion-mnist --vgg-weights random --channels 16 --code-dim 16 --n-codes 64
+  python train_tokenizer.py --data fashion-mnist --vgg-weights random --channels 16 --code-dim 16 --n-codes 64 \
       --steps 40 --batch-size 8 --gan-start 20 --log-every 10 --eval-every 20 --eval-images 64 --out out/smoke
 """
 
@@ -72,6 +72,9 @@ PHASE1_END_LR = 5e-5
 
 # Phase 2 (section 3.3): alpha = 0, the discriminator carries on from phase 1 without a new warm-up gap.
 PHASE2_DEFAULTS = dict(out="out/tokenizer2", alpha=0.0, gan_start=0, steps=20000)
+# ... and a schedule that fits the phase-1 preset: the 2-core `cpu` run is 300 steps at 4x the paper's lr
+# (README, "A CPU classroom run"), not 20,000 (the other presets keep the line above).
+PHASE2_PRESET_DEFAULTS = {"cpu": dict(steps=300, lr=2e-4)}
 # What phase 2 takes from the phase-1 checkpoint: its data and batch, the tokenizer's shape (the encoder
 # and codebook are phase 1's), the loss weights and D. Every other field (out, steps, lr, device,
 # compile, the Reg-VQ mask and PCL: a deterministic quantizer) takes its phase-2 or dataclass default.
@@ -118,7 +121,8 @@ def configure(args):
     elif phase == 2:
         init = load_phase1(given)
         saved = {**init["train_config"], **init["model_config"], **init["loss_config"]}
-        defaults = {**{name: saved[name] for name in PHASE2_INHERITS}, **PHASE2_DEFAULTS}
+        defaults = {**{name: saved[name] for name in PHASE2_INHERITS}, **PHASE2_DEFAULTS,
+                    **PHASE2_PRESET_DEFAULTS.get(saved["preset"], {})}
         if init["model_config"]["feature_dim"]:  # VQ-KD: the pixel decoder and D start from scratch, D warms up
             defaults["gan_start"] = saved["gan_start"]
     train_cfg, model_cfg, loss_cfg = (seqgan.config_from_args(c, args, defaults)
