@@ -29,7 +29,8 @@ STAGES = ("tok1", "tok2", "prior_ar", "prior_nar", "sample_ar", "sample_nar", "f
 @dataclass
 class BenchConfig:
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
-    tokenizer_preset: str = option("classroom", "tokenizer shape: classroom (32 px) or paper (256 px, Table 7)")
+    tokenizer_preset: str = option("classroom", "tokenizer shape: classroom (32 px), cpu (32 px, 1.1M) or paper "
+                                                "(256 px, Table 7)")
     prior_preset: str = option("classroom", "prior shape: classroom, base (24x768) or large (24x1024)")
     batch_size: int = option(256, "images per tokenizer training step")
     prior_batch_size: int = option(64, "token grids per prior training step")
@@ -43,6 +44,14 @@ class BenchConfig:
     only: str = option("", "comma-separated stages to run: " + ",".join(STAGES))
     peak_flops: float = option(0.0, "peak FLOP/s for MFU; 0 = by device name (H100/A100 bf16)")
     json: str = option("bench.json", "where the table is written as JSON")
+
+    def __post_init__(self):
+        if self.tokenizer_preset not in seqgan.PRESETS or self.prior_preset not in seqgan.PRIOR_PRESETS:
+            raise seqgan.SeqganError(f"unknown preset: --tokenizer-preset is one of {', '.join(seqgan.PRESETS)}, "
+                                     f"--prior-preset one of {', '.join(seqgan.PRIOR_PRESETS)}")
+        if min(self.iters, self.batch_size, self.prior_batch_size, self.sample_batch, self.fid_batch,
+               self.maskgit_steps) < 1 or self.warmup < 0:
+            raise seqgan.SeqganError("--iters, --maskgit-steps and the batch sizes must be at least 1, --warmup >= 0")
 
 
 def timed(fn, warmup, iters, device):
@@ -66,8 +75,8 @@ def tokenizer_stage(bench_cfg, phase, device, compiled):
     preset = seqgan.PRESETS[bench_cfg.tokenizer_preset]
     model_cfg = seqgan.TokenizerConfig(**{k: v for k, v in preset.items() if k in seqgan.TokenizerConfig.__dataclass_fields__},
                            dec_attn=phase == 2)
-    loss_cfg = seqgan.LossConfig(**{k: v for k, v in preset.items() if k in seqgan.LossConfig.__dataclass_fields__},
-                      alpha=1.0 if phase == 1 else 0.0, gan_start=0)
+    loss_fields = {k: v for k, v in preset.items() if k in seqgan.LossConfig.__dataclass_fields__}
+    loss_cfg = seqgan.LossConfig(**{**loss_fields, "alpha": 1.0 if phase == 1 else 0.0, "gan_start": 0})
     model = seqgan.Tokenizer(model_cfg).to(device)
     disc = seqgan.Discriminator(model_cfg.image_size, loss_cfg.disc_channels, loss_cfg.disc_max_channels).to(device)
     if phase == 2:

@@ -440,6 +440,8 @@ def main(argv=None):
     if not ok:
         raise SeqganError("use: fid.py A B | fid.py FOLDER --save-stats OUT.npz and/or --is | "
                           "fid.py --recon CKPT --images FOLDER (see --help)")
+    if args.save_stats and not args.save_stats.endswith(".npz"):
+        raise SeqganError(f"--save-stats {args.save_stats}: end the name in .npz (fid.py reads only .npz as statistics)")
     # Under torchrun each rank computes the features of its shard of the images; they are gathered in
     # order, and rank 0 alone prints and writes, so the numbers are those of a one-process run.
     _, _, _, _, device = seqgan.setup_distributed(args.device, args.backend)
@@ -484,7 +486,9 @@ def main(argv=None):
     if args.save_stats:
         stats = compute_stats(feats, model.fingerprint)
         os.makedirs(os.path.dirname(args.save_stats) or ".", exist_ok=True)
-        np.savez(args.save_stats, **stats)
+        with open(args.save_stats + ".tmp", "wb") as f:  # atomic: a stopped run leaves no half-written stats
+            np.savez(f, **stats)
+        os.replace(args.save_stats + ".tmp", args.save_stats)
         print(f"saved statistics of N={stats['n']} images in {folder} to {args.save_stats}")
         result["n"] = stats["n"]
     if args.inception_score:

@@ -46,7 +46,7 @@ import os
 import re
 import sys
 from contextlib import nullcontext
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -169,6 +169,8 @@ class LossConfig:
             raise SeqganError(f"--alpha {self.alpha} is outside [0, 1]")
         if self.teacher_layer not in VGG_CHANNELS:
             raise SeqganError(f"--teacher-layer {self.teacher_layer}: choose from {', '.join(VGG_CHANNELS)}")
+        if self.r1_every < 1:
+            raise SeqganError(f"--r1-every {self.r1_every}: R1 runs every N >= 1 discriminator steps")
         if self.perceptual_norm not in ("energy", "none"):
             raise SeqganError(f"unknown --perceptual-norm {self.perceptual_norm}; use energy (default) or none "
                               "(the paper's plain MSE)")
@@ -1244,7 +1246,8 @@ def add_config_args(parser, *config_classes, defaults=None):
                 continue
             default = defaults.get(f.name, f.default)
             flag = "--" + f.name.replace("_", "-")
-            help = f.metadata["help"] + ("" if default is None else f" (default: {default})")
+            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+            help = f.metadata["help"] + ("" if default in (None, "") else f" (default: {shown})")
             if isinstance(f.default, bool):
                 group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help)
             elif isinstance(f.default, tuple):
@@ -1465,8 +1468,16 @@ def load_dataset(name, root, size, train=True):
     """'cifar10' | 'fashion-mnist' | an image folder -> (Dataset of (uint8 (3, S, S), label), n_classes).
     The two array datasets are 32 px; batches are resized on the device if size differs."""
     if name == "cifar10":
+        # Under torchrun rank 0 alone downloads (concurrent downloads would write one archive at once);
+        # the others wait, then read it. Every rank calls this, so the barrier meets.
         try:
-            ds = torchvision.datasets.CIFAR10(root, train=train, download=True)
+            if is_master():
+                torchvision.datasets.CIFAR10(root, train=train, download=True)
+        except (OSError, RuntimeError):
+            pass  # every rank reports it below
+        barrier()
+        try:
+            ds = torchvision.datasets.CIFAR10(root, train=train, download=False)
         except (OSError, RuntimeError) as e:
             raise SeqganError(f"cannot download CIFAR-10 into {root} ({type(e).__name__}); put "
                               f"cifar-10-python.tar.gz there or pass --data IMAGE_FOLDER") from None
@@ -1600,12 +1611,20 @@ def run_log(out, master):
     return log
 
 
-def log_start(log, header, ckpt, train_cfg, world):
-    """The first lines of a run: what it trains, a warning if a resumed run's global batch changed."""
+def log_start(log, header, ckpt, train_cfg, world, get_lr):
+    """The first lines of a run: what it trains, and warnings if a resumed run's global batch or --steps
+    changed (get_lr(step, train_cfg): the trainer's schedule, a function of --steps)."""
     log(header)
-    warning = batch_change_warning(ckpt, train_cfg.batch_size, train_cfg.grad_accum, world) if ckpt is not None else None
+    if ckpt is None:
+        return
+    warning = batch_change_warning(ckpt, train_cfg.batch_size, train_cfg.grad_accum, world)
     if warning:
         log(warning)
+    before, step = ckpt["train_config"]["steps"], ckpt["step"]
+    was, now = get_lr(step, replace(train_cfg, steps=before)), get_lr(step, train_cfg)
+    if was != now:
+        log(f"warning: --steps {train_cfg.steps}, the checkpoint's run had {before}: the lr schedule is a function "
+            f"of --steps, so step {step} takes lr {now:.2e} where the {before}-step curve had {was:.2e}")
 
 
 class RunningMeans:

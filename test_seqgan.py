@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import bench
 import fid
 import sample
 import seqgan as S
@@ -1211,6 +1212,7 @@ def test_non_image_files_are_skipped(tmp_path, tiny_features):
     (["FOREIGN.npz", "OTHER"], "different Inception weights"),
     (["OTHER"], "use: fid.py"),
     (["OTHER.npz", "--is"], "need an image folder"),
+    (["OTHER", "--save-stats", "stats"], "end the name in .npz"),
     (["--recon", "CKPT"], "use: fid.py"),
 ])
 def test_bad_inputs_raise_one_line_errors(tmp_path, tiny_features, argv, match):
@@ -1651,10 +1653,17 @@ def test_train_prior_bad_input_is_one_clear_error_and_writes_nothing(ar_run, tok
         (["--tokenizer", tokenizer_ckpt, "--resume"], "checkpoint .*ckpt.pt not found"),
         (["--tokenizer", tokenizer_ckpt, "--preset", "huge"], "unknown --preset huge"),
         (["--tokenizer", tokenizer_ckpt, "--batch-size", "64"], "fewer than --batch-size 64"),
+        (["--tokenizer", tokenizer_ckpt, "--log-every", "0"], "--log-every, --eval-every and --eval-batches must be"),
+        (["--tokenizer", tokenizer_ckpt, "--eval-every", "0"], "--log-every, --eval-every and --eval-batches must be"),
     ]:
         with pytest.raises(S.SeqganError, match=match):
             train_prior.main(TINY_PRIOR + argv + ["--out", new])
     assert not os.path.exists(new)
+    # --token-cache naming a checkpoint by mistake: refused, the file kept
+    before = open(tokenizer_ckpt, "rb").read()
+    with pytest.raises(S.SeqganError, match="--token-cache: .* is a tokenizer checkpoint, expected a tokens checkpoint"):
+        train_prior.main(TINY_PRIOR + ["--tokenizer", tokenizer_ckpt, "--token-cache", tokenizer_ckpt, "--out", new])
+    assert open(tokenizer_ckpt, "rb").read() == before
 
     # an existing run: never overwritten, and resumed only with the same model flags and tokenizer
     before = {f: open(os.path.join(ar_run, f), "rb").read() for f in os.listdir(ar_run)}
@@ -1922,6 +1931,27 @@ def test_vqkd_phase1_checkpoint_is_refused_where_pixels_are_needed(prior_images,
 
 
 # -----------------------------------------------------------------------------
+# bench.py
+
+
+@pytest.mark.slow
+def test_bench_runs_every_tokenizer_preset_and_writes_its_table(tmp_path):
+    """bench.py times real steps of the presets (here one step each on the CPU) and writes the table."""
+    out = str(tmp_path / "bench.json")
+    small = ["--device", "cpu", "--iters", "1", "--warmup", "0", "--batch-size", "2", "--prior-batch-size", "2",
+             "--sample-batch", "2", "--prior-preset", "cpu", "--json", out]
+    bench.main(small + ["--tokenizer-preset", "cpu", "--only", "tok1,tok2,prior_ar,sample_nar"])
+    rows = json.load(open(out))["rows"]
+    assert [r["stage"] for r in rows] == ["tok1", "tok2", "prior_ar", "sample_nar"]
+    assert all(r["rate"] > 0 and r["unit"] in ("images/s", "tokens/s") for r in rows)
+    assert "cpu 32px b2" in rows[0]["shape"] and "4x128 T=64" in rows[2]["shape"]
+    for argv, match in [(["--tokenizer-preset", "huge"], "unknown preset"), (["--prior-preset", "xl"], "unknown preset"),
+                        (["--iters", "0"], "must be at least 1"), (["--only", "tok3"], "unknown stage")]:
+        with pytest.raises(S.SeqganError, match=match):
+            bench.main(small + argv)
+
+
+# -----------------------------------------------------------------------------
 # bad input: one clear line, non-zero exit, nothing overwritten
 
 
@@ -1934,6 +1964,27 @@ def test_bad_data_folders(tmp_path):
         train_tokenizer.main(TINY + ["--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
 
 
+def test_cifar10_is_downloaded_by_rank_0_alone_and_offline_is_one_clear_error(monkeypatch, tmp_path):
+    """Concurrent torchrun ranks must not write one archive at once: rank 0 downloads, the others wait at
+    a barrier and read. Offline (no archive), every rank reports the same one line."""
+    calls = []
+
+    def fake_cifar(root, train, download):
+        calls.append(download)
+        raise RuntimeError("Dataset not found or corrupted")
+
+    monkeypatch.setattr(S.torchvision.datasets, "CIFAR10", fake_cifar)
+    monkeypatch.setattr(S, "barrier", lambda: calls.append("barrier"))
+    with pytest.raises(S.SeqganError, match="cannot download CIFAR-10 into .*; put cifar-10-python.tar.gz there"):
+        S.load_dataset("cifar10", str(tmp_path), 32)
+    assert calls == [True, "barrier", False]  # rank 0 (no torchrun: the master) downloads, then everyone reads
+    calls.clear()
+    monkeypatch.setattr(S, "is_master", lambda: False)
+    with pytest.raises(S.SeqganError, match="cannot download CIFAR-10"):
+        S.load_dataset("cifar10", str(tmp_path), 32)
+    assert calls == ["barrier", False]  # another rank never downloads
+
+
 @pytest.mark.slow
 def test_bad_flags(image_folder, tmp_path):
     out = ["--data", image_folder, "--out", str(tmp_path / "o")]
@@ -1943,6 +1994,11 @@ def test_bad_flags(image_folder, tmp_path):
         train_tokenizer.main(TINY + out + ["--phase", "2"])
     with pytest.raises(S.SeqganError, match="--init is for phase 2"):
         train_tokenizer.main(TINY + out + ["--init", "x.pt"])
+    for flag in ("--steps", "--log-every", "--eval-every", "--eval-images"):  # 0 would divide by zero later
+        with pytest.raises(S.SeqganError, match="--eval-every and --eval-images must be at least 1"):
+            train_tokenizer.main(TINY + out + [flag, "0"])
+    with pytest.raises(S.SeqganError, match="--r1-every 0: R1 runs every N >= 1"):
+        train_tokenizer.main(TINY + out + ["--r1-every", "0"])
     if not torch.cuda.is_available():
         with pytest.raises(S.SeqganError, match="no CUDA GPU; use --device cpu"):
             train_tokenizer.main(TINY + out + ["--device", "cuda"])
@@ -2290,11 +2346,13 @@ def test_prior_two_processes_equal_one_with_twice_the_batch_and_resume(ddp_token
     assert_same_params(d4["model"], b4["model"], atol=1e-5)
     assert max_diff(d4["model"], ddp2["model"]) > 1e-4  # it trained on
     log = open(os.path.join(ddp, "log.txt")).read()
-    assert "start step 2" in log and "reusing token cache" in log and "warning" not in log
+    assert "start step 2" in log and "reusing token cache" in log and "global batch of" not in log
+    # a longer run's schedule is another curve: the resumed run says so, with both lrs
+    assert "warning: --steps 4, the checkpoint's run had 2: the lr schedule is a function of --steps, so step 2" in log
 
     # one process resuming the 2-process run with --batch-size 2: global batch 2, not 4: one warning line
     train_prior.main(["--resume", "--steps", "5", "--out", ddp])
-    warnings = [l for l in open(os.path.join(ddp, "log.txt")) if l.startswith("warning")]
+    warnings = [l for l in open(os.path.join(ddp, "log.txt")) if l.startswith("warning: the checkpoint")]
     assert len(warnings) == 1 and "global batch of 4 (2 process(es)); continuing with a global batch of 2," in warnings[0]
     assert ckpt(ddp)["step"] == 5 and ckpt(ddp)["world_size"] == 1
 

@@ -70,13 +70,15 @@ class TrainConfig:
     seed: int = option(0, "random seed")
 
     def __post_init__(self):
-        if self.steps < 1 or self.batch_size < 1 or self.eval_batches < 1 or self.grad_accum < 1:
-            raise seqgan.SeqganError("--steps, --batch-size, --grad-accum and --eval-batches must be at least 1")
+        if min(self.steps, self.batch_size, self.grad_accum, self.log_every, self.eval_every, self.eval_batches) < 1:
+            raise seqgan.SeqganError("--steps, --batch-size, --grad-accum, --log-every, --eval-every and --eval-batches "
+                                     "must be at least 1")
         if self.lr_decay_start is not None and self.lr_decay_start < 0:
             raise seqgan.SeqganError(f"--lr-decay-start {self.lr_decay_start} is negative")
         ar = self.model == "ar"
         if self.end_lr is not None and (not (0 < self.end_lr if ar else 0 <= self.end_lr) or self.end_lr > self.lr):
-            raise seqgan.SeqganError(f"--end-lr {self.end_lr} must lie in {'(' if ar else '['}0, --lr {self.lr}]"
+            raise seqgan.SeqganError(f"--end-lr {self.end_lr} (Table 10's unless given) must lie in "
+                                     f"{'(' if ar else '['}0, --lr {self.lr}]; give an --end-lr that fits"
                                      + (": the AR prior's decay is exponential, so it cannot reach 0" if ar else ""))
 
 
@@ -215,18 +217,18 @@ def tokenize(tok, ds, train_cfg, device, desc):
 
 
 def load_tokens(path, fingerprint, build, log):
-    """The token cache at path if its fingerprint matches, else build() it and write it atomically."""
+    """The token cache at path if its fingerprint matches, else build() it and write it atomically. A file
+    there that is not a token cache (a checkpoint given by mistake) is refused, never overwritten."""
     if os.path.isfile(path):
         try:
             cache = seqgan.load_checkpoint(path, "tokens")
         except seqgan.SeqganError as e:
-            log(f"token cache unusable ({e}); rebuilding it")
-        else:
-            if cache["fingerprint"] == fingerprint:
-                log(f"reusing token cache {path}")
-                return cache
-            changed = [k for k in fingerprint if cache["fingerprint"].get(k) != fingerprint[k]]
-            log(f"token cache {path} is stale ({', '.join(changed)} changed); rebuilding it")
+            raise seqgan.SeqganError(f"--token-cache: {e}; give another path (it would be overwritten)") from None
+        if cache["fingerprint"] == fingerprint:
+            log(f"reusing token cache {path}")
+            return cache
+        changed = [k for k in fingerprint if cache["fingerprint"].get(k) != fingerprint[k]]
+        log(f"token cache {path} is stale ({', '.join(changed)} changed); rebuilding it")
     log(f"tokenizing the data into {path}")
     cache = dict(kind="tokens", fingerprint=fingerprint, **build())
     seqgan.save_checkpoint(path, cache)
@@ -371,7 +373,7 @@ def main(argv=None):
 
     flops_per_token = seqgan.estimate_flops_per_token(cfg)
     peak = seqgan.peak_flops(device, train_cfg.peak_flops)
-    seqgan.log_start(log, header(raw_model, cfg, len(train), len(val), train_cfg, device, world, step), ckpt, train_cfg, world)
+    seqgan.log_start(log, header(raw_model, cfg, len(train), len(val), train_cfg, device, world, step), ckpt, train_cfg, world, get_lr)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     log(f"MFU against a peak of {peak / 1e12:.0f} TFLOP/s ({'--peak-flops' if train_cfg.peak_flops else 'dense bf16, ' + gpu})"
         if peak else f"MFU n/a: no peak FLOP/s known for {gpu}; pass --peak-flops")
@@ -412,7 +414,8 @@ def main(argv=None):
             step += 1
             bar.update(1)
 
-            if step % train_cfg.log_every == 0 or step == train_cfg.steps:
+            # an eval step is a log step too: its checkpoint is written only after the means were found finite
+            if step % train_cfg.log_every == 0 or step % train_cfg.eval_every == 0 or step == train_cfg.steps:
                 tps = means.steps * global_batch * cfg.grid / (time.time() - t0)
                 m = means.read(world, step, train_cfg.lr, ckpt_path)
                 mfu = f"{flops_per_token * tps / (peak * world):.1%}" if peak else "n/a"

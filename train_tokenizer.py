@@ -15,6 +15,7 @@ CPU smoke run (a minute; random VGG, so only the plumbing is meaningful; real Fa
 import argparse
 import math
 import os
+import textwrap
 import time
 from dataclasses import asdict, dataclass, replace
 
@@ -58,8 +59,9 @@ class TrainConfig:
     def __post_init__(self):
         if self.phase not in (1, 2):
             raise seqgan.SeqganError(f"--phase must be 1 or 2, not {self.phase}")
-        if self.batch_size < 1 or self.grad_accum < 1:
-            raise seqgan.SeqganError("--batch-size and --grad-accum must be at least 1")
+        if min(self.steps, self.batch_size, self.grad_accum, self.log_every, self.eval_every, self.eval_images) < 1:
+            raise seqgan.SeqganError("--steps, --batch-size, --grad-accum, --log-every, --eval-every and --eval-images "
+                                     "must be at least 1")
 
 
 # torch.compile's backend for --compile. The tests set "aot_eager" (the same AOTAutograd graphs, so the
@@ -88,8 +90,16 @@ PHASE2_INHERITS = (
 
 
 def parse(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    seqgan.add_config_args(p, TrainConfig, seqgan.TokenizerConfig, seqgan.LossConfig)
+    presets = "; ".join(f"{name}: " + ", ".join(f"{k} {v}" for k, v in fields.items()) for name, fields in seqgan.PRESETS.items())
+    epilog = (f"The defaults shown are phase 1 with --preset classroom. Presets replace some of them ({presets}); "
+              f"phase 2 takes the phase-1 checkpoint's shape, data and loss weights, then "
+              f"{', '.join(f'{k} {v}' for k, v in PHASE2_DEFAULTS.items())} and lr 5e-5"
+              + "".join(f" (after --preset {name}: " + ", ".join(f"{k} {v}" for k, v in kw.items()) + ")"
+                        for name, kw in PHASE2_PRESET_DEFAULTS.items())
+              + ". Flags win over both; the log's config line shows what a run used.")
+    p = argparse.ArgumentParser(description=__doc__, epilog=textwrap.fill(epilog, 100),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    seqgan.add_config_args(p, TrainConfig, seqgan.TokenizerConfig, seqgan.LossConfig, defaults=seqgan.PRESETS["classroom"])
     return p.parse_args(argv)
 
 
@@ -321,6 +331,8 @@ def main(argv=None):
     global_batch = train_cfg.batch_size * train_cfg.grad_accum * world  # images per optimizer step, all ranks
     perceptual = perceptual_loss(train_cfg, model_cfg, loss_cfg, device)
     raw_model, raw_disc, opt_g, opt_d, step = build(train_cfg, model_cfg, loss_cfg, ckpt, init, device)
+    if step:  # a resumed run draws new Reg-VQ masks, not a replay of the first steps' (train_prior.py's seeding)
+        torch.manual_seed(train_cfg.seed * 1_000_003 + step + rank)
     # model and disc are what the steps run: compiled, then wrapped in DDP (nanoGPT). raw_model and raw_disc
     # are the plain modules, for checkpoints and evaluation. DDP keeps only parameters that require grad in
     # sync: in phase 2 the decoder's (encoder and codebook are frozen); in phase 1 every parameter gets a
@@ -333,7 +345,7 @@ def main(argv=None):
 
     ckpt_path, log = os.path.join(train_cfg.out, "ckpt.pt"), seqgan.run_log(train_cfg.out, master)
     seqgan.log_start(log, header(raw_model, raw_disc, len(ds), train_cfg, model_cfg, loss_cfg, device, world, step),
-                     ckpt, train_cfg, world)
+                     ckpt, train_cfg, world, get_lr)
     log(f"config: {asdict(train_cfg)} {asdict(model_cfg)} {asdict(loss_cfg)}")
 
     def save():
@@ -382,7 +394,8 @@ def main(argv=None):
             step += 1
             bar.update(1)
 
-            if step % train_cfg.log_every == 0 or step == train_cfg.steps:
+            # an eval step is a log step too: its checkpoint is written only after the means were found finite
+            if step % train_cfg.log_every == 0 or step % train_cfg.eval_every == 0 or step == train_cfg.steps:
                 ips = means.steps * global_batch / (time.time() - t0)
                 log_step(log, bar, means.read(world, step, train_cfg.lr, ckpt_path), counts, step, gan_w, lr, ips)
                 t0 = time.time()
