@@ -1303,6 +1303,7 @@ def test_phase1_then_phase2_end_to_end(phase1_ckpt, image_folder, tmp_path):
     encoder and codebook tensors are bit-identical before and after, the decoder changed."""
     ck1 = S.load_checkpoint(phase1_ckpt, "tokenizer")
     assert ck1["phase"] == 1 and ck1["step"] == 4
+    assert "never trains" not in open(os.path.join(os.path.dirname(phase1_ckpt), "log.txt")).read()  # D from step 2
     assert os.path.isfile(os.path.join(os.path.dirname(phase1_ckpt), "recon_0000004.png"))
     out = tmp_path / "phase2"
     train_tokenizer.main(["--phase", "2", "--init", phase1_ckpt, "--steps", "4", "--out", str(out),
@@ -1327,6 +1328,9 @@ def test_perceptual_weight_zero_never_builds_vgg(image_folder, tmp_path, monkeyp
     out = tmp_path / "run"
     train_tokenizer.main(TINY + ["--data", image_folder, "--perceptual-weight", "0", "--steps", "2", "--out", str(out)])
     assert S.load_checkpoint(str(out / "ckpt.pt"), "tokenizer")["step"] == 2
+    # the default --gan-start is far beyond 2 steps: the log says that D never trains
+    assert f"warning: --gan-start {S.LossConfig.gan_start} >= --steps 2: the discriminator never trains" in \
+        open(out / "log.txt").read()
 
 
 @pytest.mark.slow

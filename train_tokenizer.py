@@ -347,6 +347,9 @@ def main(argv=None):
     seqgan.log_start(log, header(raw_model, raw_disc, len(ds), train_cfg, model_cfg, loss_cfg, device, world, step),
                      ckpt, train_cfg, world, get_lr)
     log(f"config: {asdict(train_cfg)} {asdict(model_cfg)} {asdict(loss_cfg)}")
+    if loss_cfg.gan_weight > 0 and loss_cfg.gan_start >= train_cfg.steps and not model_cfg.feature_dim:
+        log(f"warning: --gan-start {loss_cfg.gan_start} >= --steps {train_cfg.steps}: the discriminator never trains "
+            "in this run; pass more --steps (or a smaller --gan-start) for the GAN term")
 
     def save():
         seqgan.save_checkpoint(ckpt_path, dict(kind="tokenizer", phase=train_cfg.phase, step=step, world_size=world,
