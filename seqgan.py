@@ -188,8 +188,8 @@ PRESETS = {
     # of 600, lr 4e-4 (4x the paper's 1e-4, cosine to 5e-5). Phase 1 with the ImageNet VGG16 logs about
     # 11 images/s on 2 cores (README, "A CPU classroom run"; expected losses in "Expected numbers").
     "cpu": dict(data="fashion-mnist", channels=32, code_dim=32, n_codes=256, batch_size=16, steps=600, lr=4e-4,
-                perceptual_weight=0.1, gan_start=400, gan_warmup=100, disc_channels=32, log_every=50, eval_every=300, eval_images=500,
-                num_workers=0),
+                perceptual_weight=0.1, gan_start=400, gan_warmup=100, disc_channels=32,
+                log_every=50, eval_every=300, eval_images=500, num_workers=0),
 }
 
 

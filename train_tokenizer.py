@@ -90,7 +90,8 @@ PHASE2_INHERITS = (
 
 
 def parse(argv):
-    presets = "; ".join(f"{name}: " + ", ".join(f"{k} {v}" for k, v in fields.items()) for name, fields in seqgan.PRESETS.items())
+    presets = "; ".join(f"{name}: " + ", ".join(f"{k} {v}" for k, v in kw.items())
+                        for name, kw in seqgan.PRESETS.items())
     epilog = (f"The defaults shown are phase 1 with --preset classroom. Presets replace some of them ({presets}); "
               f"phase 2 takes the phase-1 checkpoint's shape, data and loss weights, then "
               f"{', '.join(f'{k} {v}' for k, v in PHASE2_DEFAULTS.items())} and lr 5e-5"
