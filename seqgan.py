@@ -732,7 +732,9 @@ def gan_weight_at(step, cfg):
 
 def d_backward(disc, x, x_hat, loss_cfg, step, scale=1.0):
     """The discriminator's loss on real x and *detached* reconstructions, with lazy R1 every r1_every
-    steps; scale * loss backpropagated. Returns the detached (loss, r1).
+    steps; scale * loss backpropagated. Returns the detached terms the log reports: d_loss, r1, and D's
+    mean logits on the real images and on the reconstructions (d_real > 0 > d_fake: D tells them apart;
+    both near 0 with d_loss near log 4: it cannot).
 
     R1 runs on the plain module, unwrapped from DDP and from torch.compile, *before* the DDP forward: R1
     differentiates D's output w.r.t. its input with create_graph (a double backward), which neither DDP's
@@ -748,9 +750,11 @@ def d_backward(disc, x, x_hat, loss_cfg, step, scale=1.0):
         # scaled by the interval, as in StyleGAN2
         (scale * loss_cfg.r1_gamma / 2 * loss_cfg.r1_every * r1).backward()
     with autocast(x.device):
-        loss = d_loss(disc(x), disc(x_hat.detach()))
+        real, fake = disc(x), disc(x_hat.detach())
+        loss = d_loss(real, fake)
     (scale * loss).backward()
-    return (loss + loss_cfg.r1_gamma / 2 * loss_cfg.r1_every * r1).detach().float(), r1.detach().float()
+    return dict(d_loss=(loss + loss_cfg.r1_gamma / 2 * loss_cfg.r1_every * r1).detach().float(),
+                r1=r1.detach().float(), d_real=real.detach().float().mean(), d_fake=fake.detach().float().mean())
 
 
 # -----------------------------------------------------------------------------

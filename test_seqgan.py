@@ -347,11 +347,27 @@ def test_d_step_leaves_generator_grads_untouched():
     x_hat, _, _ = tok(x)
     before = [p.detach().clone() for p in disc.parameters()]
     opt_d.zero_grad(set_to_none=True)
-    loss, r1 = S.d_backward(disc, x, x_hat, S.LossConfig(r1_every=1), step=0)
+    terms = S.d_backward(disc, x, x_hat, S.LossConfig(r1_every=1), step=0)
+    loss, r1 = terms["d_loss"], terms["r1"]
     opt_d.step()
     assert all(p.grad is None for p in tok.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, disc.parameters()))
     assert r1.item() > 0 and torch.isfinite(loss)
+
+
+def test_d_logs_its_logits_and_learns_to_tell_real_from_fake():
+    """d_backward reports D's mean logits on real and fake images: a D trained for a few steps on images
+    against flat grey reconstructions scores the real ones higher, and its loss falls below log 4."""
+    torch.manual_seed(0)
+    disc = S.Discriminator(32, 8, 32)
+    opt_d = torch.optim.Adam(disc.parameters(), lr=2e-3, betas=(0.0, 0.99))
+    x, x_hat = torch.rand(8, 3, 32, 32) * 2 - 1, torch.zeros(8, 3, 32, 32)
+    for step in range(1, 31):  # no step a multiple of 100: no R1, so d_loss is the logistic loss alone
+        opt_d.zero_grad(set_to_none=True)
+        terms = S.d_backward(disc, x, x_hat, S.LossConfig(r1_every=100), step)
+        opt_d.step()
+    assert set(terms) == {"d_loss", "r1", "d_real", "d_fake"} and terms["r1"] == 0
+    assert terms["d_real"] > terms["d_fake"] and terms["d_loss"] < math.log(4) - 0.1
 
 
 @pytest.mark.slow

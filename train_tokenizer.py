@@ -279,16 +279,16 @@ def header(raw_model, raw_disc, n_images, train_cfg, model_cfg, loss_cfg, device
 
 def d_step(disc, opt_d, xs, x_hats, loss_cfg, step, ddp):
     """One discriminator step over the G step's micro-batches and their detached reconstructions;
-    -> the detached (d_loss, r1), averaged over the micro-steps."""
-    accum, d, r1 = len(xs), 0, 0
+    -> the detached terms of seqgan.d_backward (d_loss, r1, d_real, d_fake), averaged over the micro-steps."""
+    accum, terms = len(xs), {}
     opt_d.zero_grad(set_to_none=True)
     for micro in range(accum):
         if ddp:
             disc.require_backward_grad_sync = micro == accum - 1
-        d_m, r1_m = seqgan.d_backward(disc, xs[micro], x_hats[micro], loss_cfg, step, 1 / accum)
-        d, r1 = d + d_m / accum, r1 + r1_m / accum
+        for name, value in seqgan.d_backward(disc, xs[micro], x_hats[micro], loss_cfg, step, 1 / accum).items():
+            terms[name] = terms.get(name, 0) + value / accum
     opt_d.step()
-    return dict(d_loss=d, r1=r1)
+    return terms
 
 
 def log_step(log, bar, vals, counts, step, gan_w, lr, ips):
@@ -393,7 +393,7 @@ def main(argv=None):
             if step >= loss_cfg.gan_start and not model_cfg.feature_dim:
                 means.add(d_step(disc, opt_d, xs, x_hats, loss_cfg, step, ddp))
             else:
-                means.add(dict(d_loss=zero, r1=zero))
+                means.add(dict(d_loss=zero, r1=zero, d_real=zero, d_fake=zero))
             means.steps += 1
             step += 1
             bar.update(1)
