@@ -78,8 +78,9 @@ class TrainConfig:
         ar = self.model == "ar"
         if self.end_lr is not None and (not (0 < self.end_lr if ar else 0 <= self.end_lr) or self.end_lr > self.lr):
             raise seqgan.SeqganError(f"--end-lr {self.end_lr} (Table 10's unless given) must lie in "
-                                     f"{'(' if ar else '['}0, --lr {self.lr}]; give an --end-lr that fits"
-                                     + (": the AR prior's decay is exponential, so it cannot reach 0" if ar else ""))
+                                     f"{'(' if ar else '['}0, --lr {self.lr}]"
+                                     + (": the AR prior's decay is exponential, so it cannot reach 0" if ar else "")
+                                     + "; pass an --end-lr that fits")
 
 
 # The PriorConfig fields that are flags. n_codes and grid come from the tokenizer, n_classes from the
