@@ -79,7 +79,8 @@ class TrainConfig:
         if self.end_lr is not None and (not (0 < self.end_lr if ar else 0 <= self.end_lr) or self.end_lr > self.lr):
             raise seqgan.SeqganError(f"--end-lr {self.end_lr} (Table 10's unless given) must lie in "
                                      f"{'(' if ar else '['}0, --lr {self.lr}]"
-                                     + (": the AR prior's decay is exponential, so it cannot reach 0" if ar else "")
+                                     + (": the AR prior's decay is exponential, so it cannot reach 0"
+                                        if ar and self.end_lr <= 0 else "")
                                      + "; pass an --end-lr that fits")
 
 
