@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 import fid
+import plumbing
 import seqgan
 from seqgan import option
 
@@ -133,7 +134,7 @@ def prior_stage(bench_cfg, causal, device, compiled):
 
     dt, mem = timed(run, bench_cfg.warmup, bench_cfg.iters, device)
     tps = bench_cfg.prior_batch_size * pc.grid / dt
-    peak = seqgan.peak_flops(device, bench_cfg.peak_flops)
+    peak = plumbing.peak_flops(device, bench_cfg.peak_flops)
     mfu = seqgan.estimate_flops_per_token(pc) * tps / peak if peak else None
     return dict(unit="tokens/s", rate=tps, ms=1e3 * dt, mem_gib=mem, mfu=mfu,
                 shape=f"{bench_cfg.prior_preset} {pc.n_layer}x{pc.n_embd} T={pc.grid} b{bench_cfg.prior_batch_size}")
@@ -185,9 +186,9 @@ VGG = None  # built once: every tokenizer stage shares one VGG16
 def main(argv=None):
     global VGG
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    seqgan.add_config_args(p, BenchConfig)
-    bench_cfg = seqgan.config_from_args(BenchConfig, p.parse_args(argv))
-    device = seqgan.pick_device(bench_cfg.device)
+    plumbing.add_config_args(p, BenchConfig)
+    bench_cfg = plumbing.config_from_args(BenchConfig, p.parse_args(argv))
+    device = plumbing.pick_device(bench_cfg.device)
     stages = [s for s in bench_cfg.only.split(",") if s] or list(STAGES)
     unknown = set(stages) - set(STAGES)
     if unknown:
@@ -226,4 +227,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    seqgan.cli(main)
+    plumbing.cli(main)

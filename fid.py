@@ -35,6 +35,7 @@ from PIL import Image
 from torchvision.models.inception import Inception3, InceptionA, InceptionC, InceptionE
 from tqdm import tqdm
 
+import plumbing
 import seqgan
 from seqgan import SeqganError
 
@@ -144,7 +145,7 @@ def load_inception(weights=None, device="cpu"):
     """The FID Inception, frozen, in eval mode. weights: None (pytorch-fid's file, downloaded once into the
     torch hub cache), a path to that file, or "random" (seeded random init, for tests only)."""
     if weights == "random":
-        if seqgan.is_master():
+        if plumbing.is_master():
             print("WARNING: the Inception network has RANDOM weights (--inception-weights random): "
                   "FID and IS numbers are MEANINGLESS", file=sys.stderr)
         with torch.random.fork_rng(devices=[]):
@@ -207,7 +208,7 @@ class ImageFiles(torch.utils.data.Dataset):
         try:
             with Image.open(self.paths[i]) as img:
                 img = img.convert("RGB")
-        except (OSError, ValueError) as e:  # seqgan.cli turns this into one line even from a worker
+        except (OSError, ValueError) as e:  # plumbing.cli turns this into one line even from a worker
             raise SeqganError(f"cannot read image {self.paths[i]} ({e}); delete or replace it") from None
         return torch.from_numpy(np.array(img)).permute(2, 0, 1)
 
@@ -233,7 +234,7 @@ def to_unit(x, device):
 
 def report_speed(what, n, t0):
     dt = time.time() - t0  # decoding included: the number a user waits for
-    if seqgan.is_master():
+    if plumbing.is_master():
         print(f"{what}: {n} images in {dt:.1f}s ({n / dt:.1f} images/s)")
 
 
@@ -246,7 +247,7 @@ def my_shard(items):
     if len(items) < world:
         raise SeqganError(f"{len(items)} images for {world} processes: run fid.py with at most "
                           f"{len(items)} processes (or without torchrun)")
-    return [items[i] for i in seqgan.shard(len(items), dist.get_rank(), world)]
+    return [items[i] for i in plumbing.shard(len(items), dist.get_rank(), world)]
 
 
 @torch.no_grad()
@@ -260,7 +261,7 @@ def compute_features(model, images, device, batch_size=50, num_workers=NUM_WORKE
         images = loader(ImageFiles(my_shard(images)), batch_size, num_workers, device, collate)
     feats, logits, t0 = [], [], time.time()
     with fp32(device):
-        for x in tqdm(images, unit="batch", desc="inception", leave=False, disable=not seqgan.is_master()):
+        for x in tqdm(images, unit="batch", desc="inception", leave=False, disable=not plumbing.is_master()):
             x = x[0] if isinstance(x, (list, tuple)) else x  # (images, labels) batches
             f, l = model(to_unit(x, device))
             feats.append(f)  # kept on the device: no host sync per batch
@@ -269,7 +270,7 @@ def compute_features(model, images, device, batch_size=50, num_workers=NUM_WORKE
         raise SeqganError("no images to compute Inception features of")
     feats, logits = torch.cat(feats), torch.cat(logits)
     if paths:  # the ranks' rows, gathered in rank order: the N images in the order of the list
-        feats, logits = seqgan.gather_rows(feats), seqgan.gather_rows(logits)
+        feats, logits = plumbing.gather_rows(feats), plumbing.gather_rows(logits)
     feats, logits = feats.double().cpu().numpy(), logits.double().cpu().numpy()
     report_speed("inception", len(feats), t0)
     return feats, logits
@@ -363,7 +364,7 @@ def stats_for(path, model, device, batch_size=50, num_workers=NUM_WORKERS):
     """Statistics of an image folder, or loaded from a .npz file."""
     if path.endswith(".npz"):
         return load_stats(path)
-    feats, _ = compute_features(model, seqgan.list_images(path), device, batch_size, num_workers)
+    feats, _ = compute_features(model, plumbing.list_images(path), device, batch_size, num_workers)
     return compute_stats(feats, model.fingerprint)
 
 
@@ -381,13 +382,13 @@ def recon_metrics(tok, folder, model, device, batch_size=50, num_workers=NUM_WOR
     device, K = torch.device(device), tok.cfg.n_codes
     # seqgan's ImageFolder prepares images as in training: shorter side to image_size, centre crop;
     # under torchrun each rank takes a contiguous shard, and the sums and features are gathered below
-    images = seqgan.ImageFolder(folder, tok.cfg.image_size)
+    images = plumbing.ImageFolder(folder, tok.cfg.image_size)
     images = torch.utils.data.Subset(images, my_shard(list(range(len(images)))))
     data = loader(images, batch_size, num_workers, device)
     real, fake, psnr_sum, n, t0 = [], [], 0.0, 0, time.time()
     counts = torch.zeros(K, dtype=torch.long, device=device)
     with fp32(device):
-        for x, _ in tqdm(data, unit="batch", desc="reconstruct", leave=False, disable=not seqgan.is_master()):
+        for x, _ in tqdm(data, unit="batch", desc="reconstruct", leave=False, disable=not plumbing.is_master()):
             x = 2 * to_unit(x, device) - 1  # (B, 3, S, S) in [-1, 1]
             x_hat, idx, _ = tok(x)
             x_hat = x_hat.float().clamp(-1, 1)
@@ -396,12 +397,12 @@ def recon_metrics(tok, folder, model, device, batch_size=50, num_workers=NUM_WOR
             psnr_sum = psnr_sum + seqgan.psnr(x_hat, x) * len(x)  # a tensor: no host sync per batch
             seqgan.count_codes(counts, idx)
             n += len(x)
-    n = int(seqgan.all_reduce_sum(torch.tensor(n, device=device)))
-    psnr_sum = seqgan.all_reduce_sum(torch.as_tensor(psnr_sum, device=device, dtype=torch.float32))
-    seqgan.all_reduce_sum(counts)
-    real, fake = (seqgan.gather_rows(torch.cat(f)) for f in (real, fake))
+    n = int(plumbing.all_reduce_sum(torch.tensor(n, device=device)))
+    psnr_sum = plumbing.all_reduce_sum(torch.as_tensor(psnr_sum, device=device, dtype=torch.float32))
+    plumbing.all_reduce_sum(counts)
+    real, fake = (plumbing.gather_rows(torch.cat(f)) for f in (real, fake))
     report_speed("reconstruct + inception", n, t0)
-    if not seqgan.is_master():
+    if not plumbing.is_master():
         return None  # under torchrun rank 0 alone fits the statistics and reports
     real, fake = (compute_stats(f.double().cpu().numpy(), model.fingerprint) for f in (real, fake))
     usage, perplexity = seqgan.codebook_usage(counts)
@@ -444,15 +445,15 @@ def main(argv=None):
         raise SeqganError(f"--save-stats {args.save_stats}: end the name in .npz (fid.py reads only .npz as statistics)")
     # Under torchrun each rank computes the features of its shard of the images; they are gathered in
     # order, and rank 0 alone prints and writes, so the numbers are those of a one-process run.
-    _, _, _, _, device = seqgan.setup_distributed(args.device, args.backend)
-    master = seqgan.is_master()
+    _, _, _, _, device = plumbing.setup_distributed(args.device, args.backend)
+    master = plumbing.is_master()
     kw = dict(batch_size=args.batch_size, num_workers=args.num_workers)
 
     if args.recon:
-        tok = seqgan.load_tokenizer(args.recon, device)
-        seqgan.list_images(args.images)  # a bad folder fails before the Inception weights load
+        tok = plumbing.load_tokenizer(args.recon, device)
+        plumbing.list_images(args.images)  # a bad folder fails before the Inception weights load
         r = recon_metrics(tok, args.images, load_inception(args.inception_weights, device), device, **kw)
-        seqgan.teardown()
+        plumbing.teardown()
         if not master:
             return {}
         print(f"rFID {r['rfid']:.4f}  PSNR {r['psnr']:.2f} dB  codebook usage {r['codes_used']}/{r['n_codes']} "
@@ -463,12 +464,12 @@ def main(argv=None):
             if path.endswith(".npz"):
                 load_stats(path)
             else:
-                seqgan.list_images(path)
+                plumbing.list_images(path)
         # two statistics files are two Gaussians: no network (nor its weights) is needed to compare them
         folders = [p for p in args.paths if not p.endswith(".npz")]
         model = load_inception(args.inception_weights, device) if folders else None
         s1, s2 = (stats_for(p, model, device, **kw) for p in args.paths)  # every rank: the features are gathered
-        seqgan.teardown()
+        plumbing.teardown()
         if not master:
             return {}
         score, n1, n2 = fid_from_stats(s1, s2), s1["n"], s2["n"]
@@ -477,10 +478,10 @@ def main(argv=None):
     folder, result = args.paths[0], {}
     if folder.endswith(".npz"):
         raise SeqganError(f"--save-stats and --is need an image folder, not the statistics file {folder}")
-    paths = seqgan.list_images(folder)
+    paths = plumbing.list_images(folder)
     model = load_inception(args.inception_weights, device)
     feats, logits = compute_features(model, paths, device, **kw)
-    seqgan.teardown()
+    plumbing.teardown()
     if not master:
         return result
     if args.save_stats:
@@ -498,4 +499,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    seqgan.cli(main)
+    plumbing.cli(main)

@@ -22,6 +22,7 @@ import torchvision
 from PIL import Image
 from tqdm import tqdm
 
+import plumbing
 import seqgan
 from seqgan import option
 
@@ -58,7 +59,7 @@ AR_ONLY, NAR_ONLY = ("top_k", "top_p"), ("steps", "choice_temperature")
 
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    seqgan.add_config_args(p, SampleConfig)
+    plumbing.add_config_args(p, SampleConfig)
     # `class` is a Python keyword, so this one flag is not a SampleConfig field
     p.add_argument("--class", dest="label", type=int, default=None,
                    help="class of every image (conditional priors); default: classes cycle 0, 1, ..")
@@ -118,7 +119,7 @@ def sample(model, tok, cfg, settings, labels, nrow, out, device, rank=0, world=1
     the same images as in a one-process run with the same --batch-size, so the PNGs are the same."""
     ctx, pcfg, side = seqgan.autocast(device), model.cfg, tok.cfg.grid
     starts = range(0, cfg.n, cfg.batch_size)
-    mine = [starts[k] for k in seqgan.shard(len(starts), rank, world)]
+    mine = [starts[k] for k in plumbing.shard(len(starts), rank, world)]
     for start in tqdm(mine, desc="sampling", dynamic_ncols=True, disable=rank != 0):
         b = min(cfg.batch_size, cfg.n - start)
         y = labels[start:start + b].to(device) if pcfg.n_classes else None
@@ -133,7 +134,7 @@ def sample(model, tok, cfg, settings, labels, nrow, out, device, rank=0, world=1
             x = tok.decode_indices(idx.view(b, side, side)).float()
         for i, img in enumerate(to_uint8(x)):
             Image.fromarray(img).save(os.path.join(out, f"{start + i:06d}.png"))
-    seqgan.barrier()  # every rank's PNGs are on disk before rank 0 reads the first ones back for the grid
+    plumbing.barrier()  # every rank's PNGs are on disk before rank 0 reads the first ones back for the grid
     if rank == 0:
         n_grid = min(cfg.n, nrow * max(1, 64 // nrow))
         grid = torch.stack([torch.from_numpy(np.array(Image.open(os.path.join(out, f"{i:06d}.png"))))
@@ -148,7 +149,7 @@ def visualize(model, tok, cfg, folder, pick, labels, out, device):
     rows, correct = [], 0
     for start in range(0, len(pick), cfg.batch_size):
         batch = pick[start:start + cfg.batch_size]
-        x = seqgan.to_input(torch.stack([folder[i][0] for i in batch]), device, size)
+        x = plumbing.to_input(torch.stack([folder[i][0] for i in batch]), device, size)
         s = tok.tokenize(x).flatten(1)  # (B, h*w) ground-truth indices, fp32 as in train_prior.py
         y = labels[start:start + len(batch)].to(device) if labels is not None else None
         with ctx:
@@ -168,7 +169,7 @@ def visualize(model, tok, cfg, folder, pick, labels, out, device):
 def visualize_inputs(cfg, pcfg, label, size):
     """(folder, indices of the images to show, labels or None) for --visualize. Labels: --class if given,
     else the folder's class subfolders (sorted names = class ids, as in training), else an error."""
-    folder = seqgan.ImageFolder(cfg.images, size)  # an error if missing or empty
+    folder = plumbing.ImageFolder(cfg.images, size)  # an error if missing or empty
     n = min(cfg.n, len(folder))
     pick = [i * len(folder) // n for i in range(n)]  # spread over the sorted files, so over class folders
     if not pcfg.n_classes:
@@ -187,17 +188,17 @@ def visualize_inputs(cfg, pcfg, label, size):
 
 def main(argv=None):
     args = parse(argv)
-    cfg, given, label = seqgan.config_from_args(SampleConfig, args), vars(args), args.label
+    cfg, given, label = plumbing.config_from_args(SampleConfig, args), vars(args), args.label
     if not cfg.prior:
         raise seqgan.SeqganError("sample.py needs --prior CKPT (the ckpt.pt of a train_prior.py run)")
-    ckpt = seqgan.load_checkpoint(cfg.prior, "prior")
-    model = seqgan.load_prior(ckpt)
+    ckpt = plumbing.load_checkpoint(cfg.prior, "prior")
+    model = plumbing.load_prior(ckpt)
     pcfg = model.cfg
     tok_path = cfg.tokenizer or ckpt["tokenizer"]
     if not cfg.tokenizer and not os.path.isfile(tok_path):
         raise seqgan.SeqganError(f"the prior's tokenizer {tok_path} is gone; pass --tokenizer CKPT")
-    tok_ckpt = seqgan.load_checkpoint(tok_path, "tokenizer")
-    tok = seqgan.load_tokenizer(tok_path, ckpt=tok_ckpt)  # frozen, eval mode, and refuses one without a pixel decoder
+    tok_ckpt = plumbing.load_checkpoint(tok_path, "tokenizer")
+    tok = plumbing.load_tokenizer(tok_path, ckpt=tok_ckpt)  # frozen, eval mode, and refuses one without a pixel decoder
     tcfg = tok.cfg
     if (tcfg.n_codes, tcfg.grid ** 2) != (pcfg.n_codes, pcfg.grid):
         raise seqgan.SeqganError(f"tokenizer {tok_path} has {tcfg.n_codes} codes and {tcfg.grid}x{tcfg.grid} = {tcfg.grid ** 2} "
@@ -220,7 +221,7 @@ def main(argv=None):
 
     # Every check above runs on every rank before any rank joins the process group (a rendezvous of all
     # ranks), so no rank writes into `out` before all have checked it.
-    ddp, rank, _, world, device = seqgan.setup_distributed(cfg.device, cfg.backend)
+    ddp, rank, _, world, device = plumbing.setup_distributed(cfg.device, cfg.backend)
     master = rank == 0
     model, tok = model.to(device), tok.to(device)
     phase = tok_ckpt["phase"]
@@ -234,13 +235,13 @@ def main(argv=None):
             acc = visualize(model, tok, cfg, folder, pick, labels, out, device)
             print(f"top-1 token accuracy of s' vs s: {acc:.4f} over {len(pick)} images x {pcfg.grid} tokens")
             print(f"wrote {len(pick)} triptychs and visualize.png to {out}")
-        seqgan.teardown()
+        plumbing.teardown()
         return
     # cycling classes: a whole number of class cycles per row, so every column holds one class
     nrow = pcfg.n_classes * max(1, 8 // pcfg.n_classes) if label is None and 0 < pcfg.n_classes <= 16 else 8
     sample(model, tok, cfg, settings, labels, nrow, out, device, rank, world)
     if not master:
-        seqgan.teardown()
+        plumbing.teardown()
         return
     # written last, so its presence marks a complete sample set; FID depends strongly on these settings
     classes = "unconditional" if not pcfg.n_classes else "cycle" if label is None else "fixed"
@@ -253,8 +254,8 @@ def main(argv=None):
     with open(os.path.join(out, "sampling.json"), "w") as f:
         json.dump(record, f, indent=2)
     print(f"wrote {cfg.n} PNGs and sampling.json to {out}, the grid of the first ones to {grid_path(out)}")
-    seqgan.teardown()
+    plumbing.teardown()
 
 
 if __name__ == "__main__":
-    seqgan.cli(main)
+    plumbing.cli(main)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import bench
+import plumbing as P
 import fid
 import sample
 import seqgan as S
@@ -289,11 +290,11 @@ def test_paper_preset_matches_table7_size():
     attention layers per slot). One layout (average-pool downsampling) meets all four within 0.2M."""
     preset = {k: v for k, v in S.PRESETS["paper"].items() if k in S.TokenizerConfig.__dataclass_fields__}
     cfg = S.TokenizerConfig(**preset)
-    p1 = S.count_params(S.Tokenizer(cfg))
-    p2 = S.count_params(S.Tokenizer(replace(cfg, dec_attn=True)))
+    p1 = P.count_params(S.Tokenizer(cfg))
+    p2 = P.count_params(S.Tokenizer(replace(cfg, dec_attn=True)))
     tok = S.Tokenizer(cfg)
     # "+Conv x2": the decoder of n_res=4 (still 2 extra plain lowest blocks), the phase-1 encoder and codebook
-    conv_x2 = p1 - S.count_params(tok.decoder) + S.count_params(S.Decoder(replace(cfg, n_res=4, n_res_lowest=6)))
+    conv_x2 = p1 - P.count_params(tok.decoder) + P.count_params(S.Decoder(replace(cfg, n_res=4, n_res_lowest=6)))
     attn_x2 = p1 + 2 * (p2 - p1)
     for count, paper in ((p1, 54.5e6), (p2, 57.9e6), (conv_x2, 70.0e6), (attn_x2, 61.4e6)):
         assert abs(count - paper) < 0.2e6, (count, paper)
@@ -381,7 +382,7 @@ def test_compiled_phase1_steps_with_gan_and_r1(image_folder, tmp_path, monkeypat
     out = tmp_path / "run"
     train_tokenizer.main(TINY + ["--data", image_folder, "--compile", "--gan-start", "0", "--r1-every", "1",
                                  "--steps", "2", "--out", str(out)])
-    assert S.load_checkpoint(str(out / "ckpt.pt"), "tokenizer")["step"] == 2
+    assert P.load_checkpoint(str(out / "ckpt.pt"), "tokenizer")["step"] == 2
     assert len(seen) == 2 and all(type(d) is S.Discriminator for d in seen)
 
 
@@ -1171,7 +1172,7 @@ def test_mixed_sizes_and_grey_images_match_one_at_a_time(tmp_path):
     folder = write_images(tmp_path / "imgs", 2, size=32)
     grey = np.random.default_rng(6).integers(0, 256, (40, 50), dtype=np.uint8)
     Image.fromarray(grey, "L").save(tmp_path / "imgs" / "grey.png")
-    paths, model = S.list_images(folder), TinyFeatures()
+    paths, model = P.list_images(folder), TinyFeatures()
     together, _ = fid.compute_features(model, paths, "cpu", batch_size=3, num_workers=0)
     alone, _ = fid.compute_features(model, paths, "cpu", batch_size=1, num_workers=0)
     assert together.shape == (3, 12) and np.allclose(together, alone, atol=1e-6)
@@ -1206,7 +1207,7 @@ def test_fid_of_two_statistics_files_needs_no_inception_weights(tmp_path, capsys
 @pytest.mark.slow
 def test_cli_inception_score_matches_the_function(tmp_path, tiny_features):
     folder = write_images(tmp_path / "imgs", 20)
-    _, logits = fid.compute_features(TinyFeatures(), S.list_images(folder), "cpu", num_workers=0)
+    _, logits = fid.compute_features(TinyFeatures(), P.list_images(folder), "cpu", num_workers=0)
     assert fid.main([folder, "--is", *CPU])["is"] == fid.inception_score(logits)
 
 
@@ -1253,7 +1254,7 @@ def test_corrupt_image_names_the_file_in_one_line_even_from_a_worker(tmp_path, t
         fid.main([folder, "--save-stats", str(tmp_path / "s.npz"), *CPU])
     monkeypatch.setattr(sys, "argv", ["fid.py", folder, "--is", "--device", "cpu", "--num-workers", "2"])
     with pytest.raises(SystemExit) as e:
-        S.cli(fid.main)
+        P.cli(fid.main)
     err = capsys.readouterr().err  # besides the progress bar: one error line, no worker traceback
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert e.value.code == 2 and "Traceback" not in err and len(errors) == 1
@@ -1299,7 +1300,7 @@ def test_recon_metrics_psnr_and_codebook_usage(tmp_path, capsys):
 def test_cli_recon_runs_a_real_tokenizer_checkpoint(tmp_path, tiny_features, capsys):
     cfg = S.TokenizerConfig(image_size=16, channels=32, ch_mult=(1, 2), n_res=1, n_res_lowest=1, n_codes=16, code_dim=8)
     ckpt = dict(kind="tokenizer", model_config=asdict(cfg), model=S.Tokenizer(cfg).state_dict())
-    S.save_checkpoint(str(tmp_path / "tok.pt"), ckpt)
+    P.save_checkpoint(str(tmp_path / "tok.pt"), ckpt)
     folder = write_images(tmp_path / "val", 6, size=24)
     r = fid.main(["--recon", str(tmp_path / "tok.pt"), "--images", folder, *CPU])
     assert r["n"] == 6 and 1 <= r["codes_used"] <= 16 and np.isfinite([r["rfid"], r["psnr"], r["perplexity"]]).all()
@@ -1317,21 +1318,21 @@ def test_cli_recon_runs_a_real_tokenizer_checkpoint(tmp_path, tiny_features, cap
 def test_phase1_then_phase2_end_to_end(phase1_ckpt, image_folder, tmp_path):
     """Phase 1 writes a checkpoint and grids; phase 2 trains only the decoder (and its attention):
     encoder and codebook tensors are bit-identical before and after, the decoder changed."""
-    ck1 = S.load_checkpoint(phase1_ckpt, "tokenizer")
+    ck1 = P.load_checkpoint(phase1_ckpt, "tokenizer")
     assert ck1["phase"] == 1 and ck1["step"] == 4
     assert "never trains" not in open(os.path.join(os.path.dirname(phase1_ckpt), "log.txt")).read()  # D from step 2
     assert os.path.isfile(os.path.join(os.path.dirname(phase1_ckpt), "recon_0000004.png"))
     out = tmp_path / "phase2"
     train_tokenizer.main(["--phase", "2", "--init", phase1_ckpt, "--steps", "4", "--out", str(out),
                           "--attn-heads", "2", "--log-every", "2", "--eval-every", "4"])
-    ck2 = S.load_checkpoint(str(out / "ckpt.pt"), "tokenizer")
+    ck2 = P.load_checkpoint(str(out / "ckpt.pt"), "tokenizer")
     assert ck2["phase"] == 2 and ck2["model_config"]["dec_attn"] and ck2["loss_config"]["alpha"] == 0
     assert ck2["train_config"]["data"] == image_folder  # inherited from phase 1
     for k, v in ck1["model"].items():
         if k.startswith(("encoder.", "quantizer.")):
             assert torch.equal(v, ck2["model"][k]), k
     assert any(not torch.equal(v, ck2["model"][k]) for k, v in ck1["model"].items() if k.startswith("decoder."))
-    tok = S.load_tokenizer(str(out / "ckpt.pt"))
+    tok = P.load_tokenizer(str(out / "ckpt.pt"))
     assert tok.decode_indices(torch.zeros(1, 8, 8, dtype=torch.long)).shape == (1, 3, 32, 32)
 
 
@@ -1343,7 +1344,7 @@ def test_perceptual_weight_zero_never_builds_vgg(image_folder, tmp_path, monkeyp
     monkeypatch.setattr(S, "load_vgg16", no_vgg)
     out = tmp_path / "run"
     train_tokenizer.main(TINY + ["--data", image_folder, "--perceptual-weight", "0", "--steps", "2", "--out", str(out)])
-    assert S.load_checkpoint(str(out / "ckpt.pt"), "tokenizer")["step"] == 2
+    assert P.load_checkpoint(str(out / "ckpt.pt"), "tokenizer")["step"] == 2
     # the default --gan-start is far beyond 2 steps: the log says that D never trains
     assert f"warning: --gan-start {S.LossConfig.gan_start} >= --steps 2: the discriminator never trains" in \
         open(out / "log.txt").read()
@@ -1376,9 +1377,9 @@ def test_resume_continues_step_count(image_folder, tmp_path):
     out = str(tmp_path / "run")
     args = TINY + ["--data", image_folder, "--out", out, "--gan-start", "0"]
     train_tokenizer.main(args + ["--steps", "2"])
-    first = S.load_checkpoint(os.path.join(out, "ckpt.pt"), "tokenizer")
+    first = P.load_checkpoint(os.path.join(out, "ckpt.pt"), "tokenizer")
     train_tokenizer.main(args + ["--steps", "4", "--resume"])
-    ck = S.load_checkpoint(os.path.join(out, "ckpt.pt"), "tokenizer")
+    ck = P.load_checkpoint(os.path.join(out, "ckpt.pt"), "tokenizer")
     assert ck["step"] == 4
     assert all(s["step"].item() == 4 for s in ck["opt_g"]["state"].values())
     assert all(s["step"].item() == 4 for s in ck["opt_d"]["state"].values())
@@ -1429,8 +1430,8 @@ def test_resumed_run_ends_with_the_parameters_of_an_uninterrupted_one(tmp_path):
     train_tokenizer.main(args + ["--steps", "4", "--out", str(tmp_path / "whole")])
     train_tokenizer.main(args + ["--steps", "2", "--out", str(tmp_path / "halves")])
     train_tokenizer.main(args + ["--steps", "4", "--out", str(tmp_path / "halves"), "--resume"])
-    whole = S.load_checkpoint(str(tmp_path / "whole" / "ckpt.pt"), "tokenizer")
-    halves = S.load_checkpoint(str(tmp_path / "halves" / "ckpt.pt"), "tokenizer")
+    whole = P.load_checkpoint(str(tmp_path / "whole" / "ckpt.pt"), "tokenizer")
+    halves = P.load_checkpoint(str(tmp_path / "halves" / "ckpt.pt"), "tokenizer")
     assert whole["step"] == halves["step"] == 4
     for name, p in whole["model"].items():
         assert torch.allclose(p, halves["model"][name], rtol=1e-4, atol=1e-7), name
@@ -1501,7 +1502,7 @@ def read_png(path):
 @pytest.mark.parametrize("model", ["ar", "nar"])
 def test_train_prior_writes_checkpoint_sample_grids_and_log(model, ar_run, nar_run, tokenizer_ckpt):
     out = ar_run if model == "ar" else nar_run
-    ck = S.load_checkpoint(os.path.join(out, "ckpt.pt"), "prior")
+    ck = P.load_checkpoint(os.path.join(out, "ckpt.pt"), "prior")
     mc = ck["model_config"]
     assert ck["step"] == 4 and np.isfinite(ck["best_val_loss"])
     assert mc == dict(n_codes=32, grid=64, n_classes=2 if model == "ar" else 0, n_layer=1, n_head=2, n_embd=32,
@@ -1525,11 +1526,11 @@ def test_train_prior_writes_checkpoint_sample_grids_and_log(model, ar_run, nar_r
 @pytest.mark.slow
 def test_token_cache_holds_the_tokenizers_codes_and_a_5_percent_val_split(ar_run, tokenizer_ckpt, prior_images):
     """Every 20th image (sorted) is val; tokens are int16 and equal a fresh tokenization."""
-    cache = S.load_checkpoint(os.path.join(ar_run, "tokens.pt"), "tokens")
+    cache = P.load_checkpoint(os.path.join(ar_run, "tokens.pt"), "tokens")
     assert cache["train"].dtype == torch.int16 and cache["train"].shape == (22, 64) and cache["val"].shape == (2, 64)
-    folder = S.ImageFolder(prior_images, 32)
-    tok = S.load_tokenizer(tokenizer_ckpt)
-    x = S.to_input(torch.stack([folder[i][0] for i in range(24)]), "cpu", 32)
+    folder = P.ImageFolder(prior_images, 32)
+    tok = P.load_tokenizer(tokenizer_ckpt)
+    x = P.to_input(torch.stack([folder[i][0] for i in range(24)]), "cpu", 32)
     idx = tok.tokenize(x).flatten(1)
     val = [0, 20]
     train = [i for i in range(24) if i not in val]
@@ -1594,9 +1595,9 @@ def test_prior_resume_continues_step_count(tokenizer_ckpt, tmp_path):
     out = str(tmp_path / "run")
     args = TINY_PRIOR + ["--tokenizer", tokenizer_ckpt, "--out", out]
     train_prior.main(args + ["--steps", "2"])
-    first = S.load_checkpoint(os.path.join(out, "ckpt.pt"), "prior")
+    first = P.load_checkpoint(os.path.join(out, "ckpt.pt"), "prior")
     train_prior.main(["--resume", "--steps", "4", "--out", out])  # everything else from the checkpoint
-    ck = S.load_checkpoint(os.path.join(out, "ckpt.pt"), "prior")
+    ck = P.load_checkpoint(os.path.join(out, "ckpt.pt"), "prior")
     assert ck["step"] == 4 and ck["model_config"] == first["model_config"]
     assert all(s["step"].item() == 4 for s in ck["optimizer"]["state"].values())
     assert not torch.equal(first["model"]["head.weight"], ck["model"]["head.weight"])
@@ -1638,7 +1639,7 @@ def test_prior_lr_is_logged_and_a_run_resumed_mid_decay_stays_on_the_curve(token
     """NAR, 6 steps, linear decay from step 2: stopped after its step-4 checkpoint (mid-decay) and resumed,
     every step uses get_lr(step): the log's lr and the saved optimizer's lr are the closed form's."""
     out = str(tmp_path / "run")
-    save = S.save_checkpoint
+    save = P.save_checkpoint
 
     class Stop(Exception):
         pass
@@ -1648,14 +1649,14 @@ def test_prior_lr_is_logged_and_a_run_resumed_mid_decay_stays_on_the_curve(token
         if ck["kind"] == "prior" and ck["step"] == 4:
             raise Stop
 
-    monkeypatch.setattr(S, "save_checkpoint", save_then_stop)
+    monkeypatch.setattr(P, "save_checkpoint", save_then_stop)
     with pytest.raises(Stop):
         train_prior.main(TINY_PRIOR + ["--tokenizer", tokenizer_ckpt, "--model", "nar", "--uncond", "--steps", "6",
                                        "--lr-decay-start", "2", "--out", out])
-    assert S.load_checkpoint(os.path.join(out, "ckpt.pt"), "prior")["optimizer"]["param_groups"][0]["lr"] == pytest.approx(7.5e-5)
-    monkeypatch.setattr(S, "save_checkpoint", save)
+    assert P.load_checkpoint(os.path.join(out, "ckpt.pt"), "prior")["optimizer"]["param_groups"][0]["lr"] == pytest.approx(7.5e-5)
+    monkeypatch.setattr(P, "save_checkpoint", save)
     train_prior.main(["--resume", "--out", out])
-    ck = S.load_checkpoint(os.path.join(out, "ckpt.pt"), "prior")
+    ck = P.load_checkpoint(os.path.join(out, "ckpt.pt"), "prior")
     assert ck["step"] == 6 and ck["train_config"]["lr_decay_start"] == 2 and ck["train_config"]["end_lr"] == 0
     assert [g["lr"] for g in ck["optimizer"]["param_groups"]] == [pytest.approx(2.5e-5)] * 2  # get_lr(5): 1e-4 * 1/4
     lrs = re.findall(r"^step (\d+) \| .*\| lr (\S+) \|", open(os.path.join(out, "log.txt")).read(), re.M)
@@ -1700,7 +1701,7 @@ def test_train_prior_bad_input_is_one_clear_error_and_writes_nothing(ar_run, tok
     out = str(tmp_path / "run")
     train_prior.main(TINY_PRIOR + ["--tokenizer", tokenizer_ckpt, "--steps", "1", "--out", out])
     train_prior.main(["--resume", "--tokenizer", shutil.copy(tokenizer_ckpt, tok), "--steps", "2", "--out", out])
-    assert S.load_checkpoint(os.path.join(out, "ckpt.pt"), "prior")["tokenizer"] == os.path.abspath(tok)
+    assert P.load_checkpoint(os.path.join(out, "ckpt.pt"), "prior")["tokenizer"] == os.path.abspath(tok)
     # ... refused with another codebook size or other weights
     edited_tokenizer(tokenizer_ckpt, tok, shrink_codebook)
     with pytest.raises(S.SeqganError, match="has 16 codes and 64 tokens per image, but the prior was trained on 32 codes"):
@@ -1708,7 +1709,7 @@ def test_train_prior_bad_input_is_one_clear_error_and_writes_nothing(ar_run, tok
     edited_tokenizer(tokenizer_ckpt, tok, reverse_codebook)
     with pytest.raises(S.SeqganError, match="changed since the prior was trained"):
         train_prior.main(["--resume", "--steps", "3", "--out", out])
-    assert S.load_checkpoint(os.path.join(out, "ckpt.pt"), "prior")["step"] == 2
+    assert P.load_checkpoint(os.path.join(out, "ckpt.pt"), "prior")["step"] == 2
 
 
 def shrink_codebook(ck):
@@ -1783,7 +1784,7 @@ def test_fid_of_the_samples_folder_scores_exactly_n_images(ar_run, tmp_path, tin
     out = str(tmp_path / "samples")
     sample.main(["--prior", os.path.join(ar_run, "ckpt.pt"), "--n", "6", "--batch-size", "3", "--device", "cpu",
                  "--out", out])
-    assert len(S.list_images(out)) == 6 and os.path.isfile(out + "_grid.png")
+    assert len(P.list_images(out)) == 6 and os.path.isfile(out + "_grid.png")
     assert fid.main([out, out, *CPU])["n"] == (6, 6)
     assert f"(N=6 {out}, N=6 {out})" in capsys.readouterr().out
 
@@ -1815,16 +1816,16 @@ def test_visualize_writes_input_reconstruction_and_teacher_forced_prediction(ar_
     sample.main(["--prior", os.path.join(ar_run, "ckpt.pt"), "--visualize", "--images", prior_images, "--n", "4",
                  "--batch-size", "3", "--device", "cpu", "--out", str(out)])
     assert Image.open(out / "visualize.png").size == (3 * 34 + 2, 4 * 34 + 2)  # 3 columns, 4 rows of 32 px + padding
-    paths = S.list_images(prior_images)
+    paths = P.list_images(prior_images)
     picked = [paths[i * 24 // 4] for i in range(4)]  # spread over the sorted files, so over both class folders
     labels = torch.tensor([0 if os.sep + "a" + os.sep in p else 1 for p in picked])
     assert labels.tolist() == [0, 0, 1, 1]
-    tok = S.load_tokenizer(tokenizer_ckpt)
-    ck = S.load_checkpoint(os.path.join(ar_run, "ckpt.pt"), "prior")
+    tok = P.load_tokenizer(tokenizer_ckpt)
+    ck = P.load_checkpoint(os.path.join(ar_run, "ckpt.pt"), "prior")
     prior = S.Prior(S.PriorConfig(**ck["model_config"]))
     prior.load_state_dict(ck["model"])
     prior.eval()
-    x = S.to_input(torch.stack([S.load_image(p, 32) for p in picked]), "cpu", 32)
+    x = P.to_input(torch.stack([P.load_image(p, 32) for p in picked]), "cpu", 32)
     with torch.no_grad():
         s = tok.tokenize(x).flatten(1)
         s_pred = S.teacher_forced_prediction(prior, s, labels)
@@ -1889,7 +1890,7 @@ def test_sample_bad_input_is_one_clear_error_and_writes_nothing(ar_run, nar_run,
 
 @pytest.mark.slow
 def test_errors_are_one_line_and_exit_2_from_the_command_line(ar_run, tmp_path):
-    """Through S.cli, as both scripts end: one `error:` line, exit code 2, no traceback, nothing written.
+    """Through P.cli, as both scripts end: one `error:` line, exit code 2, no traceback, nothing written.
     (One subprocess only: starting Python with torch costs seconds.)"""
     r = subprocess.run([sys.executable, "sample.py", "--prior", os.path.join(ar_run, "ckpt.pt"), "--class", "7",
                         "--out", str(tmp_path / "o")], cwd=HERE, capture_output=True, text=True)
@@ -1906,20 +1907,20 @@ def test_each_objective_runs_phase1_phase2_prior_and_sampling(objective, prior_i
     p1, p2, prior, samples = (str(tmp_path / d) for d in ("p1", "p2", "prior", "samples"))
     train_tokenizer.main(TINY + ["--objective", objective, "--data", prior_images, "--steps", "2", "--gan-start", "1",
                                  "--out", p1])
-    ck1 = S.load_checkpoint(os.path.join(p1, "ckpt.pt"), "tokenizer")
+    ck1 = P.load_checkpoint(os.path.join(p1, "ckpt.pt"), "tokenizer")
     assert ck1["model_config"]["objective"] == objective
     if objective == "vqkd":
         assert ck1["model_config"]["feature_dim"] == 512 and ck1["model_config"]["cosine_codebook"]
         assert ck1["model"]["decoder.conv_out.weight"].shape[0] == 512  # decodes features, not 3 colours
         with pytest.raises(S.SeqganError, match="no pixel decoder yet; run train_tokenizer.py --phase 2"):
-            S.load_tokenizer(os.path.join(p1, "ckpt.pt"))
+            P.load_tokenizer(os.path.join(p1, "ckpt.pt"))
     else:
         assert ck1["model_config"]["mask_ratio"] == 0.4 and ck1["loss_config"]["pcl_weight"] > 0
         changed = re.search(r"^step 2 \|.* sample_changed ([\d.]+) ", open(os.path.join(p1, "log.txt")).read(), re.M)
         assert 0 < float(changed.group(1)) <= 1  # logged: the mask samples other codes than the nearest
     train_tokenizer.main(["--phase", "2", "--init", os.path.join(p1, "ckpt.pt"), "--steps", "2", "--out", p2,
                           "--attn-heads", "2", "--log-every", "2", "--eval-every", "2"])
-    ck2 = S.load_checkpoint(os.path.join(p2, "ckpt.pt"), "tokenizer")
+    ck2 = P.load_checkpoint(os.path.join(p2, "ckpt.pt"), "tokenizer")
     for k, v in ck1["model"].items():
         if k.startswith(("encoder.", "quantizer.")):
             assert torch.equal(v, ck2["model"][k]), k
@@ -1994,14 +1995,14 @@ def test_cifar10_is_downloaded_by_rank_0_alone_and_offline_is_one_clear_error(mo
         raise RuntimeError("Dataset not found or corrupted")
 
     monkeypatch.setattr(S.torchvision.datasets, "CIFAR10", fake_cifar)
-    monkeypatch.setattr(S, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(P, "barrier", lambda: calls.append("barrier"))
     with pytest.raises(S.SeqganError, match="cannot download CIFAR-10 into .*; put cifar-10-python.tar.gz there"):
-        S.load_dataset("cifar10", str(tmp_path), 32)
+        P.load_dataset("cifar10", str(tmp_path), 32)
     assert calls == [True, "barrier", False]  # rank 0 (no torchrun: the master) downloads, then everyone reads
     calls.clear()
-    monkeypatch.setattr(S, "is_master", lambda: False)
+    monkeypatch.setattr(P, "is_master", lambda: False)
     with pytest.raises(S.SeqganError, match="cannot download CIFAR-10"):
-        S.load_dataset("cifar10", str(tmp_path), 32)
+        P.load_dataset("cifar10", str(tmp_path), 32)
     assert calls == ["barrier", False]  # another rank never downloads
 
 
@@ -2039,7 +2040,7 @@ def test_wrong_phase_and_wrong_config_checkpoints(phase1_ckpt, tmp_path):
         train_tokenizer.main(["--phase", "2", "--init", str(tmp_path / "prior.pt"), "--out", str(tmp_path / "p")])
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(S.SeqganError, match="not a readable checkpoint"):
-        S.load_tokenizer(str(tmp_path / "junk.pt"))
+        P.load_tokenizer(str(tmp_path / "junk.pt"))
 
 
 @pytest.mark.slow
@@ -2055,7 +2056,7 @@ def test_clean_state_dict_strips_compile_and_ddp_prefixes_only_at_the_start():
     a submodule that happens to be called 'module' keeps its name."""
     sd = {"module._orig_mod.encoder.w": 1, "_orig_mod.module.decoder.b": 2, "decoder.module.w": 3,
           "head._orig_mod.b": 4}
-    assert S.clean_state_dict(sd) == {"encoder.w": 1, "decoder.b": 2, "decoder.module.w": 3, "head._orig_mod.b": 4}
+    assert P.clean_state_dict(sd) == {"encoder.w": 1, "decoder.b": 2, "decoder.module.w": 3, "head._orig_mod.b": 4}
 
 
 def test_checkpoint_is_fsynced_before_the_rename_and_its_folder_after(tmp_path, monkeypatch):
@@ -2071,12 +2072,12 @@ def test_checkpoint_is_fsynced_before_the_rename_and_its_folder_after(tmp_path, 
 
     monkeypatch.setattr(os, "fsync", spy)
     path = str(tmp_path / "run" / "ckpt.pt")
-    S.save_checkpoint(path, dict(kind="prior", step=1, w=torch.arange(3)))
+    P.save_checkpoint(path, dict(kind="prior", step=1, w=torch.arange(3)))
     assert calls == [("file", os.stat(path).st_ino, False), ("dir", os.stat(tmp_path / "run").st_ino, True)]
     assert os.listdir(tmp_path / "run") == ["ckpt.pt"]
-    assert torch.equal(S.load_checkpoint(path, "prior")["w"], torch.arange(3))
-    S.save_checkpoint(path, dict(kind="prior", step=2))  # over an existing one: the same order again
-    assert [c[0] for c in calls] == ["file", "dir"] * 2 and S.load_checkpoint(path, "prior")["step"] == 2
+    assert torch.equal(P.load_checkpoint(path, "prior")["w"], torch.arange(3))
+    P.save_checkpoint(path, dict(kind="prior", step=2))  # over an existing one: the same order again
+    assert [c[0] for c in calls] == ["file", "dir"] * 2 and P.load_checkpoint(path, "prior")["step"] == 2
 
 
 @pytest.mark.slow
@@ -2166,7 +2167,7 @@ def ddp_prior(tmp_path_factory, ddp_tokenizer):
 def test_shards_are_contiguous_balanced_and_in_rank_order():
     for n in (0, 1, 5, 8, 13):
         for world in (1, 2, 3, 8):
-            parts = [S.shard(n, r, world) for r in range(world)]
+            parts = [P.shard(n, r, world) for r in range(world)]
             assert [i for p in parts for i in p] == list(range(n))
             assert max(map(len, parts)) - min(map(len, parts)) <= 1
 
@@ -2174,10 +2175,10 @@ def test_shards_are_contiguous_balanced_and_in_rank_order():
 def test_without_torchrun_there_is_one_process(monkeypatch):
     for k in DIST_ENV:
         monkeypatch.delenv(k, raising=False)
-    assert S.setup_distributed("cpu") == (False, 0, 0, 1, torch.device("cpu"))
-    assert S.is_master()
+    assert P.setup_distributed("cpu") == (False, 0, 0, 1, torch.device("cpu"))
+    assert P.is_master()
     x = torch.arange(6.0).view(3, 2)
-    assert S.gather_rows(x) is x and S.all_reduce_sum(x) is x
+    assert P.gather_rows(x) is x and P.all_reduce_sum(x) is x
 
 
 def torchrun_env(monkeypatch, local_rank=1, nproc=2):
@@ -2191,9 +2192,9 @@ def test_bad_distributed_setups_are_one_clear_error_before_any_process_waits(mon
     unknown backend, a fixed GPU index, more processes on a node than it has GPUs."""
     torchrun_env(monkeypatch)
     with pytest.raises(S.SeqganError, match="--backend nccl runs on CUDA GPUs only"):
-        S.setup_distributed("cpu", "nccl")
+        P.setup_distributed("cpu", "nccl")
     with pytest.raises(S.SeqganError, match="unknown --backend mpi"):
-        S.setup_distributed("cpu", "mpi")
+        P.setup_distributed("cpu", "mpi")
     out = str(tmp_path / "p")
     with pytest.raises(S.SeqganError, match="--backend nccl runs on CUDA GPUs only"):
         train_prior.main(PRIOR + ["--tokenizer", ddp_tokenizer, "--backend", "nccl", "--out", out])
@@ -2202,9 +2203,9 @@ def test_bad_distributed_setups_are_one_clear_error_before_any_process_waits(mon
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(S.SeqganError, match=r"started 2 processes on this node, which has 1 GPU\(s\); pass "
                                             "--nproc_per_node 1"):
-        S.setup_distributed("auto")
+        P.setup_distributed("auto")
     with pytest.raises(S.SeqganError, match="each process takes the GPU cuda:LOCAL_RANK"):
-        S.setup_distributed("cuda:1")
+        P.setup_distributed("cuda:1")
     assert not torch.distributed.is_initialized()
 
 

@@ -28,6 +28,7 @@ import torchvision
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import plumbing
 import seqgan
 from seqgan import option
 
@@ -66,7 +67,7 @@ class TrainConfig:
     log_every: int = option(100, "steps between log lines")
     eval_every: int = option(2000, "steps between validation loss, a sample grid and a checkpoint")
     eval_batches: int = option(10, "validation batches averaged per evaluation")
-    peak_flops: float = option(0.0, "peak FLOP/s of the accelerator for MFU; 0 = by GPU name (seqgan.PEAK_FLOPS)")
+    peak_flops: float = option(0.0, "peak FLOP/s of the accelerator for MFU; 0 = by GPU name (plumbing.PEAK_FLOPS)")
     seed: int = option(0, "random seed")
 
     def __post_init__(self):
@@ -99,7 +100,7 @@ LR_DECAY = dict(ar=(80_000, 5e-6), nar=(50_000, 0.0))
 
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    seqgan.add_config_args(p, TrainConfig)
+    plumbing.add_config_args(p, TrainConfig)
     group = p.add_argument_group("PriorConfig (defaults: the --preset)")
     for f in fields(seqgan.PriorConfig):
         if f.name in SHAPE:
@@ -121,7 +122,7 @@ def configure(args):
     ckpt_path = os.path.join(out, "ckpt.pt")
     defaults, ckpt = dict(seqgan.PRIOR_PRESETS[preset], out=out), None
     if given.get("resume"):
-        ckpt = seqgan.load_checkpoint(ckpt_path, "prior")
+        ckpt = plumbing.load_checkpoint(ckpt_path, "prior")
         saved = {**ckpt["train_config"], **ckpt["model_config"]}
         for name in MODEL_FLAGS:
             if name in given and given[name] != saved[name]:
@@ -130,14 +131,14 @@ def configure(args):
         defaults = {**ckpt["train_config"], **{k: ckpt["model_config"][k] for k in SHAPE}}
     elif os.path.exists(ckpt_path):
         raise seqgan.SeqganError(f"{ckpt_path} exists; pass --resume to continue it or choose another --out")
-    train_cfg = seqgan.config_from_args(TrainConfig, args, defaults)
-    shape = seqgan.config_from_args(seqgan.PriorConfig, args, defaults)  # n_codes, grid, n_classes, causal: set in main
+    train_cfg = plumbing.config_from_args(TrainConfig, args, defaults)
+    shape = plumbing.config_from_args(seqgan.PriorConfig, args, defaults)  # n_codes, grid, n_classes, causal: set in main
     if not train_cfg.tokenizer:
         raise seqgan.SeqganError("train_prior.py needs --tokenizer CKPT (the ckpt.pt of a train_tokenizer.py run)")
     start, end_lr = LR_DECAY[train_cfg.model]  # Table 10's, where the flags leave them out
     train_cfg = replace(train_cfg, lr_decay_start=start if train_cfg.lr_decay_start is None else train_cfg.lr_decay_start,
                         end_lr=end_lr if train_cfg.end_lr is None else train_cfg.end_lr)
-    tok_ckpt = seqgan.load_checkpoint(train_cfg.tokenizer, "tokenizer")
+    tok_ckpt = plumbing.load_checkpoint(train_cfg.tokenizer, "tokenizer")
     # the data defaults to what the tokenizer was trained on
     train_cfg = replace(train_cfg, data=train_cfg.data or tok_ckpt["train_config"]["data"],
                  data_root=train_cfg.data_root or tok_ckpt["train_config"]["data_root"],
@@ -174,7 +175,7 @@ def tokenizer_hash(tok_ckpt):
     out, so a phase-2 checkpoint (same encoder and codebook) shares the phase-1 tokens."""
     config = {k: v for k, v in tok_ckpt["model_config"].items() if k not in DECODER_FIELDS}
     h = hashlib.sha1(json.dumps(config, sort_keys=True).encode())
-    for k, v in sorted(seqgan.clean_state_dict(tok_ckpt["model"]).items()):
+    for k, v in sorted(plumbing.clean_state_dict(tok_ckpt["model"]).items()):
         if k.startswith(("encoder.", "quantizer.")):
             h.update(k.encode())
             h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
@@ -184,9 +185,9 @@ def tokenizer_hash(tok_ckpt):
 def split(train_cfg, image_size):
     """(train, val) datasets and the class count. Val is the test split of CIFAR-10 / Fashion-MNIST; for an
     image folder, every 20th image in sorted order (5%, the same on every run, spread over class folders)."""
-    ds, n_classes = seqgan.load_dataset(train_cfg.data, train_cfg.data_root, image_size, train=True)
+    ds, n_classes = plumbing.load_dataset(train_cfg.data, train_cfg.data_root, image_size, train=True)
     if train_cfg.data in ("cifar10", "fashion-mnist"):
-        return ds, seqgan.load_dataset(train_cfg.data, train_cfg.data_root, image_size, train=False)[0], n_classes
+        return ds, plumbing.load_dataset(train_cfg.data, train_cfg.data_root, image_size, train=False)[0], n_classes
     val = [i for i in range(len(ds)) if i % 20 == 0]
     train = [i for i in range(len(ds)) if i % 20 != 0]
     return torch.utils.data.Subset(ds, train), torch.utils.data.Subset(ds, val), n_classes
@@ -195,7 +196,7 @@ def split(train_cfg, image_size):
 def data_fingerprint(train_ds, val_ds, train_cfg):
     """The data's identity: for a folder, every file's name, size and mtime; for the array datasets, name and sizes."""
     folder = getattr(train_ds, "dataset", train_ds)
-    if not isinstance(folder, seqgan.ImageFolder):
+    if not isinstance(folder, plumbing.ImageFolder):
         return f"{train_cfg.data}: {len(train_ds)} train, {len(val_ds)} val"
     h = hashlib.sha1(b"val = every 20th")
     for p in folder.paths:
@@ -213,7 +214,7 @@ def tokenize(tok, ds, train_cfg, device, desc):
     dtype = torch.int16 if tok.cfg.n_codes <= 32768 else torch.int32  # half the memory of int32
     tokens, labels = [], []
     for x, y in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
-        tokens.append(tok.tokenize(seqgan.to_input(x, device, tok.cfg.image_size)).flatten(1).to("cpu", dtype))
+        tokens.append(tok.tokenize(plumbing.to_input(x, device, tok.cfg.image_size)).flatten(1).to("cpu", dtype))
         labels.append(torch.as_tensor(y, dtype=torch.long))
     return torch.cat(tokens), torch.cat(labels)
 
@@ -223,7 +224,7 @@ def load_tokens(path, fingerprint, build, log):
     there that is not a token cache (a checkpoint given by mistake) is refused, never overwritten."""
     if os.path.isfile(path):
         try:
-            cache = seqgan.load_checkpoint(path, "tokens")
+            cache = plumbing.load_checkpoint(path, "tokens")
         except seqgan.SeqganError as e:
             raise seqgan.SeqganError(f"--token-cache: {e}; give another path (it would be overwritten)") from None
         if cache["fingerprint"] == fingerprint:
@@ -233,7 +234,7 @@ def load_tokens(path, fingerprint, build, log):
         log(f"token cache {path} is stale ({', '.join(changed)} changed); rebuilding it")
     log(f"tokenizing the data into {path}")
     cache = dict(kind="tokens", fingerprint=fingerprint, **build())
-    seqgan.save_checkpoint(path, cache)
+    plumbing.save_checkpoint(path, cache)
     return cache
 
 
@@ -298,9 +299,9 @@ def token_set(tok, train_ds, val_ds, tok_hash, train_cfg, device, master, log):
 
     fingerprint = dict(tokenizer=tok_hash, data=data_fingerprint(train_ds, val_ds, train_cfg))
     tokens = load_tokens(train_cfg.token_cache, fingerprint, build, log) if master else None
-    seqgan.barrier()
+    plumbing.barrier()
     if not master:
-        tokens = seqgan.load_checkpoint(train_cfg.token_cache, "tokens")
+        tokens = plumbing.load_checkpoint(train_cfg.token_cache, "tokens")
     # The whole token set lives on the device (CIFAR-10: 6 MB; ImageNet at 16x16: 0.7 GB) and each step
     # indexes a random batch out of it, as nanoGPT's get_batch does: no DataLoader in the loop.
     return tuple(tokens[k].to(device) for k in ("train", "train_labels", "val", "val_labels"))
@@ -317,7 +318,7 @@ def build(cfg, train_cfg, ckpt, device):
                             lr=train_cfg.lr, betas=(0.9, 0.96), **fused)
     best_val = float("inf")
     if ckpt is not None:
-        raw_model.load_state_dict(seqgan.clean_state_dict(ckpt["model"]))
+        raw_model.load_state_dict(plumbing.clean_state_dict(ckpt["model"]))
         opt.load_state_dict(ckpt["optimizer"])
         best_val = ckpt["best_val_loss"]
     for group, wd in zip(opt.param_groups, (train_cfg.weight_decay, 0.0)):  # flags win over the resumed optimizer's
@@ -337,17 +338,17 @@ def eval_and_save(raw_model, tok, val, val_y, best_val, step, train_cfg, ctx, lo
 
 def header(raw_model, cfg, n_train, n_val, train_cfg, device, world, step):
     """The run's first log line."""
-    return (f"{train_cfg.model.upper()} prior {seqgan.count_params(raw_model) / 1e6:.2f}M ({cfg.n_layer} layers, "
+    return (f"{train_cfg.model.upper()} prior {plumbing.count_params(raw_model) / 1e6:.2f}M ({cfg.n_layer} layers, "
             f"d {cfg.n_embd}, {cfg.n_head} heads) | {train_cfg.data}: {n_train} train / {n_val} val grids of "
             f"{cfg.grid} tokens, K={cfg.n_codes}, {cfg.n_classes or 'no'} classes | device {device}"
             f"{f' x {world} processes' if world > 1 else ''} | global batch "
-            f"{seqgan.batch_text(train_cfg.batch_size, train_cfg.grad_accum, world)} | start step {step} | "
+            f"{plumbing.batch_text(train_cfg.batch_size, train_cfg.grad_accum, world)} | start step {step} | "
             f"chance loss ln K = {math.log(cfg.n_codes):.3f}")
 
 
 def main(argv=None):
     train_cfg, shape, ckpt, tok_ckpt = configure(parse(argv))  # every rank: the checks, and the checkpoint it resumes
-    ddp, rank, _, world, device = seqgan.setup_distributed(train_cfg.device, train_cfg.backend)
+    ddp, rank, _, world, device = plumbing.setup_distributed(train_cfg.device, train_cfg.backend)
     master = rank == 0  # logs, evaluates, writes samples and checkpoints; the others only train
     step = ckpt["step"] if ckpt is not None else 0
     # Dropout and NAR masks differ after a resume and across ranks (each rank masks its own rows);
@@ -355,15 +356,15 @@ def main(argv=None):
     torch.manual_seed(train_cfg.seed * 1_000_003 + step + rank)
     ctx = seqgan.autocast(device)
 
-    tok = seqgan.load_tokenizer(train_cfg.tokenizer, device, ckpt=tok_ckpt)  # frozen, eval mode; needs a pixel decoder
+    tok = plumbing.load_tokenizer(train_cfg.tokenizer, device, ckpt=tok_ckpt)  # frozen, eval mode; needs a pixel decoder
     train_ds, val_ds, n_classes = split(train_cfg, tok.cfg.image_size)
     cfg = replace(shape, n_codes=tok.cfg.n_codes, grid=tok.cfg.grid ** 2, n_classes=0 if train_cfg.uncond else n_classes,
                   causal=train_cfg.model == "ar")
     tok_hash = tokenizer_hash(tok_ckpt)
     if ckpt is not None:
         check_resume(ckpt, cfg, train_cfg, tok_hash)
-    global_batch = seqgan.check_enough_data(len(train_ds), "training images", train_cfg, world)  # grids per step
-    ckpt_path, log = os.path.join(train_cfg.out, "ckpt.pt"), seqgan.run_log(train_cfg.out, master)
+    global_batch = plumbing.check_enough_data(len(train_ds), "training images", train_cfg, world)  # grids per step
+    ckpt_path, log = os.path.join(train_cfg.out, "ckpt.pt"), plumbing.run_log(train_cfg.out, master)
     train, train_y, val, val_y = token_set(tok, train_ds, val_ds, tok_hash, train_cfg, device, master, log)
 
     raw_model, opt, best_val = build(cfg, train_cfg, ckpt, device)
@@ -371,18 +372,18 @@ def main(argv=None):
     # for checkpoints, evaluation and sampling.
     model = torch.compile(raw_model) if train_cfg.compile else raw_model
     if ddp:
-        model = DDP(model, device_ids=seqgan.ddp_ids(device))
+        model = DDP(model, device_ids=plumbing.ddp_ids(device))
 
     flops_per_token = seqgan.estimate_flops_per_token(cfg)
-    peak = seqgan.peak_flops(device, train_cfg.peak_flops)
-    seqgan.log_start(log, header(raw_model, cfg, len(train), len(val), train_cfg, device, world, step), ckpt, train_cfg, world, get_lr)
+    peak = plumbing.peak_flops(device, train_cfg.peak_flops)
+    plumbing.log_start(log, header(raw_model, cfg, len(train), len(val), train_cfg, device, world, step), ckpt, train_cfg, world, get_lr)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     log(f"MFU against a peak of {peak / 1e12:.0f} TFLOP/s ({'--peak-flops' if train_cfg.peak_flops else 'dense bf16, ' + gpu})"
         if peak else f"MFU n/a: no peak FLOP/s known for {gpu}; pass --peak-flops")
     log(f"config: {asdict(train_cfg)} {asdict(cfg)} | tokenizer phase {tok_ckpt['phase']}")
 
     def save(best_val):
-        seqgan.save_checkpoint(ckpt_path, dict(kind="prior", step=step, best_val_loss=best_val, model_config=asdict(cfg),
+        plumbing.save_checkpoint(ckpt_path, dict(kind="prior", step=step, best_val_loss=best_val, model_config=asdict(cfg),
                                                train_config=asdict(train_cfg), world_size=world,
                                                tokenizer=os.path.abspath(train_cfg.tokenizer), tokenizer_hash=tok_hash,
                                                model=raw_model.state_dict(), optimizer=opt.state_dict()))
@@ -390,7 +391,7 @@ def main(argv=None):
     # The batch order is seeded from (seed, start step), so a resumed run does not replay the first batches.
     # The generator lives on the device: drawing the indices there needs no host-to-device copy per step.
     data_g = torch.Generator(device=device).manual_seed(train_cfg.seed * 1_000_003 + step)
-    means = seqgan.RunningMeans()  # loss, accuracy, grad norm: read back once per log interval
+    means = plumbing.RunningMeans()  # loss, accuracy, grad norm: read back once per log interval
     t0, zero, accum = time.time(), torch.zeros((), device=device), train_cfg.grad_accum
     # the with-block closes the bar on an error too, so the error line stands on its own
     with tqdm(total=train_cfg.steps, initial=step, desc=f"{train_cfg.model} prior", dynamic_ncols=True, disable=not master) as bar:
@@ -429,8 +430,8 @@ def main(argv=None):
                 best_val = eval_and_save(raw_model, tok, val, val_y, best_val, step, train_cfg, ctx, log, save)
                 t0 = time.time()
     log(f"done: {ckpt_path}")
-    seqgan.teardown()
+    plumbing.teardown()
 
 
 if __name__ == "__main__":
-    seqgan.cli(main)
+    plumbing.cli(main)

@@ -24,6 +24,7 @@ import torchvision
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import plumbing
 import seqgan
 from seqgan import option
 
@@ -100,7 +101,7 @@ def parse(argv):
               + ". Flags win over both; the log's config line shows what a run used.")
     p = argparse.ArgumentParser(description=__doc__, epilog=textwrap.fill(epilog, 100),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    seqgan.add_config_args(p, TrainConfig, seqgan.TokenizerConfig, seqgan.LossConfig, defaults=seqgan.PRESETS["classroom"])
+    plumbing.add_config_args(p, TrainConfig, seqgan.TokenizerConfig, seqgan.LossConfig, defaults=seqgan.PRESETS["classroom"])
     return p.parse_args(argv)
 
 
@@ -119,7 +120,7 @@ def configure(args):
     ckpt_path = os.path.join(given.get("out", defaults.get("out", TrainConfig.out)), "ckpt.pt")
     ckpt = init = None
     if given.get("resume"):
-        ckpt = seqgan.load_checkpoint(ckpt_path, "tokenizer")
+        ckpt = plumbing.load_checkpoint(ckpt_path, "tokenizer")
         if ckpt["phase"] != phase:
             raise seqgan.SeqganError(f"{ckpt_path} is a phase-{ckpt['phase']} checkpoint; resume it with --phase {ckpt['phase']}")
         for name, saved in {**ckpt["model_config"], **ckpt["loss_config"]}.items():
@@ -136,7 +137,7 @@ def configure(args):
                     **PHASE2_PRESET_DEFAULTS.get(saved["preset"], {})}
         if init["model_config"]["feature_dim"]:  # VQ-KD: the pixel decoder and D start from scratch, D warms up
             defaults["gan_start"] = saved["gan_start"]
-    train_cfg, model_cfg, loss_cfg = (seqgan.config_from_args(c, args, defaults)
+    train_cfg, model_cfg, loss_cfg = (plumbing.config_from_args(c, args, defaults)
                                       for c in (TrainConfig, seqgan.TokenizerConfig, seqgan.LossConfig))
     if train_cfg.phase == 1 and train_cfg.init:
         raise seqgan.SeqganError("--init is for phase 2 (a phase-1 checkpoint to fine-tune); drop it")
@@ -155,7 +156,7 @@ def load_phase1(given):
     """Phase 2's --init: a phase-1 checkpoint whose encoder and codebook the flags do not contradict."""
     if not given.get("init"):
         raise seqgan.SeqganError("phase 2 needs --init PHASE1_CKPT (the ckpt.pt of a phase-1 run)")
-    init = seqgan.load_checkpoint(given["init"], "tokenizer")
+    init = plumbing.load_checkpoint(given["init"], "tokenizer")
     if init["phase"] != 1:
         raise seqgan.SeqganError(f"--init {given['init']} is a phase-{init['phase']} checkpoint; phase 2 starts from phase 1")
     for name, saved in init["model_config"].items():
@@ -200,7 +201,7 @@ def evaluate(model, val, train_cfg, model_cfg, device, ctx):
     total, n, first = 0.0, 0, None
     loader = torch.utils.data.DataLoader(val, train_cfg.batch_size, shuffle=False)
     for xb, _ in loader:
-        x = seqgan.to_input(xb, device, model_cfg.image_size)[: train_cfg.eval_images - n]
+        x = plumbing.to_input(xb, device, model_cfg.image_size)[: train_cfg.eval_images - n]
         with ctx:
             x_hat, idx, _ = model(x)
         seqgan.count_codes(counts, idx)
@@ -218,10 +219,10 @@ def evaluate(model, val, train_cfg, model_cfg, device, ctx):
 
 def load_data(train_cfg, model_cfg, world):
     """The training images and the held-out images evaluate() scores (an image folder: its first images)."""
-    ds, _ = seqgan.load_dataset(train_cfg.data, train_cfg.data_root, model_cfg.image_size, train=True)
-    seqgan.check_enough_data(len(ds), "images", train_cfg, world)
+    ds, _ = plumbing.load_dataset(train_cfg.data, train_cfg.data_root, model_cfg.image_size, train=True)
+    plumbing.check_enough_data(len(ds), "images", train_cfg, world)
     if train_cfg.data in ("cifar10", "fashion-mnist"):
-        val, _ = seqgan.load_dataset(train_cfg.data, train_cfg.data_root, model_cfg.image_size, train=False)
+        val, _ = plumbing.load_dataset(train_cfg.data, train_cfg.data_root, model_cfg.image_size, train=False)
     else:
         val = ds  # an image folder has no split: evaluate on its first images
     return ds, torch.utils.data.Subset(val, range(min(train_cfg.eval_images, len(val))))
@@ -234,10 +235,10 @@ def build(train_cfg, model_cfg, loss_cfg, ckpt, init, device):
     raw_disc = seqgan.Discriminator(model_cfg.image_size, loss_cfg.disc_channels, loss_cfg.disc_max_channels)
     if init is not None:  # phase 2: phase-1 weights; the new attention layers (VQ-KD: the decoder) start fresh
         keep = ("encoder.", "quantizer.") if init["model_config"]["feature_dim"] else ("encoder.", "quantizer.", "decoder.")
-        weights = {k: v for k, v in seqgan.clean_state_dict(init["model"]).items() if k.startswith(keep)}
+        weights = {k: v for k, v in plumbing.clean_state_dict(init["model"]).items() if k.startswith(keep)}
         missing, unexpected = raw_model.load_state_dict(weights, strict=False)
         assert not unexpected and all(k.startswith("decoder.") for k in missing), (missing, unexpected)
-        raw_disc.load_state_dict(seqgan.clean_state_dict(init["disc"]))
+        raw_disc.load_state_dict(plumbing.clean_state_dict(init["disc"]))
     if train_cfg.phase == 2:
         raw_model.encoder.requires_grad_(False)
         raw_model.quantizer.requires_grad_(False)
@@ -249,8 +250,8 @@ def build(train_cfg, model_cfg, loss_cfg, ckpt, init, device):
     opt_d = torch.optim.Adam(raw_disc.parameters(), lr=train_cfg.lr, betas=(0.0, 0.99), **fused)
     step = 0
     if ckpt is not None:
-        raw_model.load_state_dict(seqgan.clean_state_dict(ckpt["model"]))
-        raw_disc.load_state_dict(seqgan.clean_state_dict(ckpt["disc"]))
+        raw_model.load_state_dict(plumbing.clean_state_dict(ckpt["model"]))
+        raw_disc.load_state_dict(plumbing.clean_state_dict(ckpt["disc"]))
         opt_g.load_state_dict(ckpt["opt_g"])
         opt_d.load_state_dict(ckpt["opt_d"])
         step = ckpt["step"]
@@ -270,11 +271,11 @@ def perceptual_loss(train_cfg, model_cfg, loss_cfg, device):
 def header(raw_model, raw_disc, n_images, train_cfg, model_cfg, loss_cfg, device, world, step):
     """The run's first log line."""
     return (f"phase {train_cfg.phase} | {train_cfg.data} ({n_images} images) | device {device}"
-            f"{f' x {world} processes' if world > 1 else ''} | tokenizer {seqgan.count_params(raw_model) / 1e6:.2f}M "
-            f"({seqgan.count_params(raw_model, trainable=True) / 1e6:.2f}M trained), D "
-            f"{seqgan.count_params(raw_disc) / 1e6:.2f}M | {model_cfg.grid}x{model_cfg.grid} tokens, "
+            f"{f' x {world} processes' if world > 1 else ''} | tokenizer {plumbing.count_params(raw_model) / 1e6:.2f}M "
+            f"({plumbing.count_params(raw_model, trainable=True) / 1e6:.2f}M trained), D "
+            f"{plumbing.count_params(raw_disc) / 1e6:.2f}M | {model_cfg.grid}x{model_cfg.grid} tokens, "
             f"K={model_cfg.n_codes} | alpha {loss_cfg.alpha} | global batch "
-            f"{seqgan.batch_text(train_cfg.batch_size, train_cfg.grad_accum, world)} | start step {step}")
+            f"{plumbing.batch_text(train_cfg.batch_size, train_cfg.grad_accum, world)} | start step {step}")
 
 
 def d_step(disc, opt_d, xs, x_hats, loss_cfg, step, ddp):
@@ -296,7 +297,7 @@ def log_step(log, bar, vals, counts, step, gan_w, lr, ips):
     counts are summed over the ranks, then reset), the GAN weight, lr and speed. Under DDP the entropy
     term is of each rank's batch, averaged over the ranks: the quantizer's soft usage is a mean over the
     rank's own positions, not over the global batch."""
-    usage, ppl = seqgan.codebook_usage(seqgan.all_reduce_sum(counts))
+    usage, ppl = seqgan.codebook_usage(plumbing.all_reduce_sum(counts))
     log(f"step {step} | " + " ".join(f"{k} {v:.4f}" for k, v in vals.items())
         + f" | H/logK {vals['entropy'] / math.log(len(counts)):.3f}"
         + f" | usage {usage.item():.3f} ppl {ppl.item():.1f} | gan_w {gan_w:.3f} lr {lr:.2e} | {ips:.1f} img/s")
@@ -321,7 +322,7 @@ def eval_and_save(raw_model, val, step, train_cfg, model_cfg, device, ctx, log, 
 
 def main(argv=None):
     train_cfg, model_cfg, loss_cfg, ckpt, init = configure(parse(argv))  # every rank: the checks, the checkpoint
-    ddp, rank, _, world, device = seqgan.setup_distributed(train_cfg.device, train_cfg.backend)
+    ddp, rank, _, world, device = plumbing.setup_distributed(train_cfg.device, train_cfg.backend)
     master = rank == 0  # logs, evaluates, writes grids and checkpoints; the others only train
     # A seed offset per rank: Reg-VQ's stochastic masks differ across ranks. The ranks' different initial
     # weights do not matter: DDP copies rank 0's to all at the wrap (the random VGG has its own seed).
@@ -342,10 +343,10 @@ def main(argv=None):
     model = torch.compile(raw_model, backend=COMPILE_BACKEND) if train_cfg.compile else raw_model
     disc = torch.compile(raw_disc, backend=COMPILE_BACKEND) if train_cfg.compile else raw_disc
     if ddp:
-        model, disc = DDP(model, device_ids=seqgan.ddp_ids(device)), DDP(disc, device_ids=seqgan.ddp_ids(device))
+        model, disc = DDP(model, device_ids=plumbing.ddp_ids(device)), DDP(disc, device_ids=plumbing.ddp_ids(device))
 
-    ckpt_path, log = os.path.join(train_cfg.out, "ckpt.pt"), seqgan.run_log(train_cfg.out, master)
-    seqgan.log_start(log, header(raw_model, raw_disc, len(ds), train_cfg, model_cfg, loss_cfg, device, world, step),
+    ckpt_path, log = os.path.join(train_cfg.out, "ckpt.pt"), plumbing.run_log(train_cfg.out, master)
+    plumbing.log_start(log, header(raw_model, raw_disc, len(ds), train_cfg, model_cfg, loss_cfg, device, world, step),
                      ckpt, train_cfg, world, get_lr)
     log(f"config: {asdict(train_cfg)} {asdict(model_cfg)} {asdict(loss_cfg)}")
     if loss_cfg.gan_weight > 0 and loss_cfg.gan_start >= train_cfg.steps and not model_cfg.feature_dim:
@@ -353,13 +354,13 @@ def main(argv=None):
             "in this run; pass more --steps (or a smaller --gan-start) for the GAN term")
 
     def save():
-        seqgan.save_checkpoint(ckpt_path, dict(kind="tokenizer", phase=train_cfg.phase, step=step, world_size=world,
+        plumbing.save_checkpoint(ckpt_path, dict(kind="tokenizer", phase=train_cfg.phase, step=step, world_size=world,
                                                model_config=asdict(model_cfg), loss_config=asdict(loss_cfg),
                                                train_config=asdict(train_cfg), model=raw_model.state_dict(),
                                                disc=raw_disc.state_dict(), opt_g=opt_g.state_dict(), opt_d=opt_d.state_dict()))
 
     data = batches(ds, train_cfg, step, device, rank, world)
-    means = seqgan.RunningMeans()  # the named terms, read back once per log interval
+    means = plumbing.RunningMeans()  # the named terms, read back once per log interval
     counts = torch.zeros(model_cfg.n_codes, device=device, dtype=torch.long)  # code usage, likewise
     t0, zero, accum = time.time(), torch.zeros((), device=device), train_cfg.grad_accum
     # the with-block closes the bar on an error too, so the error line stands on its own
@@ -375,7 +376,7 @@ def main(argv=None):
             opt_g.zero_grad(set_to_none=True)
             xs, x_hats = [], []
             for micro in range(accum):
-                x = seqgan.to_input(next(data)[0], device, model_cfg.image_size)
+                x = plumbing.to_input(next(data)[0], device, model_cfg.image_size)
                 if ddp:
                     model.require_backward_grad_sync = micro == accum - 1
                 with ctx:
@@ -407,8 +408,8 @@ def main(argv=None):
                 eval_and_save(raw_model, val, step, train_cfg, model_cfg, device, ctx, log, save)
                 t0 = time.time()
     log(f"done: {ckpt_path}")
-    seqgan.teardown()
+    plumbing.teardown()
 
 
 if __name__ == "__main__":
-    seqgan.cli(main)
+    plumbing.cli(main)
