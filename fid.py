@@ -1,21 +1,19 @@
 """
 FID, Inception Score and tokenizer reconstruction metrics, computed as pytorch-fid computes FID.
 
-  python fid.py real/ samples/                          # FID of two image folders (searched recursively)
-  python fid.py real/ --save-stats real.npz             # cache statistics, then: python fid.py real.npz samples/
-  python fid.py real.npz samples.npz                    # two statistics files (also pytorch-fid's): no network
-  python fid.py samples/ --is                           # Inception Score, 10 splits
+  python fid.py real/ samples/                         # FID of two image folders (recursive)
+  python fid.py real/ --save-stats real.npz            # cache statistics: python fid.py real.npz s/
+  python fid.py real.npz samples.npz                   # two statistics files (pytorch-fid's too)
+  python fid.py samples/ --is                          # Inception Score, 10 splits
   python fid.py --recon out/tokenizer/ckpt.pt --images val/   # rFID, PSNR and codebook usage
-  torchrun --standalone --nproc_per_node=8 fid.py real/ samples/   # 8 GPUs: each a shard, the same numbers
+  torchrun --standalone --nproc_per_node=8 fid.py real/ samples/  # 8 GPUs: shards, same numbers
 
-FID (Heusel et al. 2017, arXiv:1706.08500) is the Frechet distance between Gaussians fitted to the
-2048-d pool3 features of the Inception-v3 graph the TensorFlow reference (TTUR) uses, here in
-pytorch-fid's port (github.com/mseitzer/pytorch-fid, weights pt_inception-2015-12-05-6726825d.pth).
-Numbers compare with published ones only for exactly that network and preprocessing: PIL RGB ->
-[0, 1] -> bilinear resize to 299 (align_corners=False, no antialias) -> 2x - 1, fp32 with TF32 off,
-float64 statistics, and many samples (50k for reported numbers; below 2048 sigma is singular).
-IS (Salimans et al. 2016, arXiv:1606.03498) uses the same network's 1008-way logits, without fc's bias as
-in the reference IS code (openai/improved-gan). Images may differ in size: each is resized to 299 anyway.
+FID (Heusel et al. 2017, arXiv:1706.08500): the Frechet distance between Gaussians fitted to the
+2048-d pool3 features of the TensorFlow reference's Inception-v3 in pytorch-fid's port (its weights
+pt_inception-2015-12-05-6726825d.pth). Numbers compare with published ones only for that network
+and preprocessing (PIL RGB -> [0, 1] -> bilinear 299, no antialias -> 2x - 1, fp32 without TF32,
+float64 statistics) and many samples (50k for reported numbers; below 2048 sigma is singular).
+IS (Salimans et al. 2016): the same network's 1008 logits without fc's bias (openai/improved-gan).
 """
 
 import argparse
@@ -42,36 +40,31 @@ from seqgan import SeqganError
 WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                "pt_inception-2015-12-05-6726825d.pth")
 WEIGHTS_FILE = os.path.basename(WEIGHTS_URL)
-WEIGHTS_SHA256 = "6726825d"  # torch hub convention: the file name ends with the start of its sha256
+WEIGHTS_SHA256 = "6726825d"  # torch hub convention: the file name ends with its sha256's start
 NUM_WORKERS = min(8, os.cpu_count() or 1)  # DataLoader processes decoding images
-# Saved with every statistics file; two files made with different weights or preprocessing do not compare.
+# Saved with every statistics file: files of other weights or preprocessing do not compare.
 PREPROCESS = "pil-rgb/bilinear-299-no-antialias/2x-1/fp32"
 
 # -----------------------------------------------------------------------------
 # the FID Inception network
 
-
 def resize_299(x):
-    """(B, 3, H, W) in [0, 1] -> (B, 3, 299, 299), as pytorch-fid (bilinear, align_corners=False, no antialias)."""
+    """(B, 3, H, W) in [0, 1] -> (B, 3, 299, 299), as pytorch-fid (bilinear, no antialias)."""
     return F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
 
-
 def tf_avg_pool(x):
-    # TensorFlow's padded 3x3 average pool leaves the padding out of the mean; torchvision's counts it.
+    # TensorFlow's padded 3x3 average pool leaves the padding out of the mean; torchvision's counts
     return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
 
-
 class FIDInceptionA(InceptionA):
-    """Mixed_5b/5c/5d: torchvision's InceptionA with TensorFlow's average pool (pytorch-fid's FIDInceptionA)."""
-
+    """Mixed_5b/5c/5d: torchvision's InceptionA with TensorFlow's average pool."""
     def forward(self, x):
         b5 = self.branch5x5_2(self.branch5x5_1(x))
         b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
         return torch.cat([self.branch1x1(x), b5, b3, self.branch_pool(tf_avg_pool(x))], 1)
 
-
 class FIDInceptionC(InceptionC):
-    """Mixed_6b..6e: torchvision's InceptionC with TensorFlow's average pool (pytorch-fid's FIDInceptionC)."""
+    """Mixed_6b..6e: torchvision's InceptionC with TensorFlow's average pool."""
 
     def forward(self, x):
         b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
@@ -79,10 +72,8 @@ class FIDInceptionC(InceptionC):
         bd = self.branch7x7dbl_5(self.branch7x7dbl_4(bd))
         return torch.cat([self.branch1x1(x), b7, bd, self.branch_pool(tf_avg_pool(x))], 1)
 
-
 class FIDInceptionE(InceptionE):
-    """Mixed_7b (TF average pool) and Mixed_7c (max pool): pytorch-fid's FIDInceptionE_1 and _2."""
-
+    """Mixed_7b (TF average pool) and Mixed_7c (max pool): pytorch-fid's FIDInceptionE_1, _2."""
     def __init__(self, in_channels, max_pool):
         super().__init__(in_channels)
         self.max_pool = max_pool
@@ -92,23 +83,20 @@ class FIDInceptionE(InceptionE):
         b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
         bd = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
         bd = torch.cat([self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd)], 1)
-        # The TF graph's last block pools with max, not average (likely a slip there); FID needs it kept.
-        pool = F.max_pool2d(x, kernel_size=3, stride=1, padding=1) if self.max_pool else tf_avg_pool(x)
+        # The TF graph's last block pools with max, not average (likely a slip); FID keeps it
+        pool = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else tf_avg_pool(x)
         return torch.cat([self.branch1x1(x), b3, bd, self.branch_pool(pool)], 1)
 
-
 class InceptionFID(Inception3):
-    """
-    Inception-v3 of the TensorFlow FID/IS graph (inception-2015-12-05), named like torchvision's Inception3
-    as in pytorch-fid's fid_inception_v3(), so pt_inception-2015-12-05-6726825d.pth loads with strict keys.
-    Differs from torchvision's: 1008 classes, no aux classifier, average pools that leave out the
-    padding (Mixed_5*, 6*, 7b), a max pool in Mixed_7c's pool branch.
-    forward: images (B, 3, H, W) in [0, 1] -> pool3 features (B, 2048), IS logits (B, 1008).
-    """
+    """Inception-v3 of the TensorFlow FID/IS graph (inception-2015-12-05), named like torchvision's
+    as pytorch-fid's fid_inception_v3(), so its weights load with strict keys. Unlike torchvision's:
+    1008 classes, no aux classifier, average pools that leave out the padding (Mixed_5*, 6*, 7b),
+    a max pool in Mixed_7c's pool branch.
+    forward: images (B, 3, H, W) in [0, 1] -> pool3 features (B, 2048), IS logits (B, 1008)."""
 
-    LAYERS = ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
-              "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d",
-              "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c")
+    LAYERS = ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1",
+              "Conv2d_4a_3x3", "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a",
+              "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c")
 
     def __init__(self):
         super().__init__(num_classes=1008, aux_logits=False, init_weights=False)
@@ -121,37 +109,28 @@ class InceptionFID(Inception3):
         self.Mixed_6e = FIDInceptionC(768, channels_7x7=192)
         self.Mixed_7b = FIDInceptionE(1280, max_pool=False)
         self.Mixed_7c = FIDInceptionE(2048, max_pool=True)
-        self.fingerprint = "untrained"  # weights and preprocessing, set by load_inception, saved with statistics
+        self.fingerprint = "untrained"  # weights and preprocessing: set by load_inception
 
     def forward(self, x):
         x = 2 * resize_299(x) - 1  # [0, 1] -> [-1, 1], the range the TF graph was trained on
         for name in self.LAYERS:
             x = getattr(self, name)(x)
         feats = x.mean((2, 3))  # pool3, (B, 2048)
-        # No bias: the reference IS code (openai/improved-gan) multiplies pool3 by the softmax weights
-        # only; torch-fidelity calls this "logits_unbiased". Published IS numbers come from it.
+        # No bias: the reference IS code (openai/improved-gan) multiplies pool3 by the softmax
+        # weights only (torch-fidelity's "logits_unbiased"); published IS numbers come from it.
         return feats, feats @ self.fc.weight.T
 
-
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def load_inception(weights=None, device="cpu"):
-    """The FID Inception, frozen, in eval mode. weights: None (pytorch-fid's file, downloaded once into the
-    torch hub cache), a path to that file, or "random" (seeded random init, for tests only)."""
+    """The FID Inception, frozen, in eval mode. weights: None (pytorch-fid's file, downloaded once
+    into the torch hub cache), a path to that file, or "random" (seeded, for tests only)."""
     if weights == "random":
         if plumbing.is_master():
             print("WARNING: the Inception network has RANDOM weights (--inception-weights random): "
                   "FID and IS numbers are MEANINGLESS", file=sys.stderr)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)  # the same network every run, so saved statistics still compare
+            torch.manual_seed(0)  # the same network every run, so saved statistics compare
             model = InceptionFID()
-            for m in model.modules():  # PyTorch's default init shrinks pool3 to ~1e-8; He init keeps it O(1)
+            for m in model.modules():  # the default init shrinks pool3 to ~1e-8; He init: O(1)
                 if isinstance(m, torch.nn.Conv2d):
                     torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
         model.fingerprint = f"random-seed0 {PREPROCESS}"
@@ -161,28 +140,31 @@ def load_inception(weights=None, device="cpu"):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         try:
             torch.hub.download_url_to_file(WEIGHTS_URL, path, hash_prefix=WEIGHTS_SHA256)
-        except (OSError, RuntimeError) as e:  # offline, proxy, or a damaged download (hash mismatch)
-            raise SeqganError(f"cannot download the FID Inception weights ({type(e).__name__}): put {WEIGHTS_FILE} "
-                              f"from {WEIGHTS_URL} at {path}, or pass --inception-weights PATH") from None
+        except (OSError, RuntimeError) as e:  # offline, proxy, or a damaged download
+            raise SeqganError(f"cannot download the FID Inception weights ({type(e).__name__}): "
+                              f"put {WEIGHTS_FILE} from {WEIGHTS_URL} at {path}, or pass "
+                              "--inception-weights PATH") from None
     if not os.path.isfile(path):
-        raise SeqganError(f"--inception-weights {path}: no such file (give {WEIGHTS_FILE}, or 'random' for tests)")
+        raise SeqganError(f"--inception-weights {path}: no such file (give {WEIGHTS_FILE}, or "
+                          "'random' for tests)")
     model = InceptionFID()
     try:
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))  # strict: every key
-    except Exception as e:  # unpickling, zip and key/shape errors alike: not the pt_inception state dict
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))  # strict
+    except Exception as e:  # unpickling, zip and key/shape errors alike
         detail = " ".join(str(e).split())[:200]
-        raise SeqganError(f"{path} is not pytorch-fid's {WEIGHTS_FILE} state dict ({detail})") from None
-    digest = sha256(path)
+        raise SeqganError(f"{path} is not pytorch-fid's {WEIGHTS_FILE} state dict "
+                          f"({detail})") from None
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
     if not digest.startswith(WEIGHTS_SHA256):
-        print(f"warning: {path} has sha256 {digest[:8]}, not {WEIGHTS_SHA256}: FID will not match published "
-              "numbers", file=sys.stderr)
+        print(f"warning: {path} has sha256 {digest[:8]}, not {WEIGHTS_SHA256}: FID will not match "
+              "published numbers", file=sys.stderr)
     model.fingerprint = f"sha256-{digest[:8]} {PREPROCESS}"
     return model.to(device).eval().requires_grad_(False)
 
-
 @contextlib.contextmanager
 def fp32(device):
-    """Full fp32 for features: no autocast, no TF32 (cuDNN convolutions use TF32 by default, enough to move FID)."""
+    """Full fp32 for features: no autocast, no TF32 (cuDNN's default TF32 is enough to move FID)."""
     old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
@@ -194,10 +176,8 @@ def fp32(device):
 # -----------------------------------------------------------------------------
 # images -> features
 
-
 class ImageFiles(torch.utils.data.Dataset):
-    """Image files decoded in DataLoader workers as pytorch-fid does: PIL -> RGB -> uint8 (3, H, W), native size."""
-
+    """Image files decoded in DataLoader workers as pytorch-fid: PIL RGB -> uint8 (3, H, W)."""
     def __init__(self, paths):
         self.paths = paths
 
@@ -208,39 +188,35 @@ class ImageFiles(torch.utils.data.Dataset):
         try:
             with Image.open(self.paths[i]) as img:
                 img = img.convert("RGB")
-        except (OSError, ValueError) as e:  # plumbing.cli turns this into one line even from a worker
-            raise SeqganError(f"cannot read image {self.paths[i]} ({e}); delete or replace it") from None
+        except (OSError, ValueError) as e:  # plumbing.cli makes one line of it, even from a worker
+            raise SeqganError(f"cannot read image {self.paths[i]} ({e}); delete or replace "
+                              "it") from None
         return torch.from_numpy(np.array(img)).permute(2, 0, 1)
 
-
 def collate(batch):
-    """Stack uint8 images of one size (resized on the device). Mixed sizes cannot be stacked: those batches
-    are resized to 299 here, in the worker, with the same op the network applies, and stay float."""
+    """Stack uint8 images of one size (resized on the device). Mixed sizes cannot be stacked: they
+    are resized to 299 here, in the worker, with the network's own op, and stay float."""
     if len({x.shape for x in batch}) == 1:
         return torch.stack(batch)
     return torch.cat([resize_299(x[None].float() / 255) for x in batch])
 
-
 def loader(dataset, batch_size, num_workers, device, collate_fn=None):
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_fn,
-                                       pin_memory=device.type == "cuda")
-
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                                       collate_fn=collate_fn, pin_memory=device.type == "cuda")
 
 def to_unit(x, device):
     """A batch (uint8, or float in [0, 1]) -> float32 on the device in [0, 1]."""
     x = x.to(device, non_blocking=True)
     return x.float() / 255 if x.dtype == torch.uint8 else x.float()
 
-
 def report_speed(what, n, t0):
     dt = time.time() - t0  # decoding included: the number a user waits for
     if plumbing.is_master():
         print(f"{what}: {n} images in {dt:.1f}s ({n / dt:.1f} images/s)")
 
-
 def my_shard(items):
-    """Under torchrun, this rank's contiguous share of a list (in rank order they make up the list again);
-    the whole list otherwise. Every rank needs at least one item, so that all of them gather rows."""
+    """This rank's contiguous share of a list under torchrun (in rank order the shares make up the
+    list again), else the list. Every rank needs an item, so that all of them gather rows."""
     if not dist.is_initialized():
         return items
     world = dist.get_world_size()
@@ -249,116 +225,112 @@ def my_shard(items):
                           f"{len(items)} processes (or without torchrun)")
     return [items[i] for i in plumbing.shard(len(items), dist.get_rank(), world)]
 
-
 @torch.no_grad()
 def compute_features(model, images, device, batch_size=50, num_workers=NUM_WORKERS):
-    """pool3 features (N, 2048) and IS logits (N, 1008), float64 numpy, of `images`: a list of image
-    paths, or any iterable of (B, 3, H, W) batches, uint8 or float in [0, 1] (e.g. generated samples).
-    Under torchrun a list of paths is split across the ranks, and every rank gets all N rows back, in order."""
+    """pool3 features (N, 2048) and IS logits (N, 1008), float64 numpy, of `images`: a list of
+    paths, or an iterable of (B, 3, H, W) batches, uint8 or float in [0, 1]. Under torchrun a list
+    of paths is split across the ranks, and every rank gets all N rows back, in order."""
     device = torch.device(device)
     paths = isinstance(images, (list, tuple)) and all(isinstance(p, str) for p in images)
     if paths:
         images = loader(ImageFiles(my_shard(images)), batch_size, num_workers, device, collate)
     feats, logits, t0 = [], [], time.time()
     with fp32(device):
-        for x in tqdm(images, unit="batch", desc="inception", leave=False, disable=not plumbing.is_master()):
-            x = x[0] if isinstance(x, (list, tuple)) else x  # (images, labels) batches
-            f, l = model(to_unit(x, device))
+        for x in tqdm(images, unit="batch", desc="inception", leave=False,
+                      disable=not plumbing.is_master()):
+            f, l = model(to_unit(x[0] if isinstance(x, (list, tuple)) else x, device))
             feats.append(f)  # kept on the device: no host sync per batch
             logits.append(l)
     if not feats:
         raise SeqganError("no images to compute Inception features of")
     feats, logits = torch.cat(feats), torch.cat(logits)
-    if paths:  # the ranks' rows, gathered in rank order: the N images in the order of the list
+    if paths:  # the ranks' rows in rank order: the N images in the order of the list
         feats, logits = plumbing.gather_rows(feats), plumbing.gather_rows(logits)
-    feats, logits = feats.double().cpu().numpy(), logits.double().cpu().numpy()
     report_speed("inception", len(feats), t0)
-    return feats, logits
+    return feats.double().cpu().numpy(), logits.double().cpu().numpy()
 
 # -----------------------------------------------------------------------------
 # statistics, Frechet distance, Inception Score
 
-
 def compute_stats(feats, fingerprint=""):
-    """Gaussian fit of features (N, D) in float64, as pytorch-fid: dict(mu (D,), sigma (D, D), n, fingerprint)."""
+    """Gaussian fit of features (N, D), float64, as pytorch-fid: dict(mu, sigma, n, fingerprint)."""
     feats = np.asarray(feats, dtype=np.float64)
     if len(feats) < 2:
         raise SeqganError(f"FID needs at least 2 images for a covariance, got {len(feats)}")
-    return dict(mu=feats.mean(0), sigma=np.cov(feats, rowvar=False), n=len(feats), fingerprint=fingerprint)
-
+    return dict(mu=feats.mean(0), sigma=np.cov(feats, rowvar=False), n=len(feats),
+                fingerprint=fingerprint)
 
 def load_stats(path):
-    """Statistics saved by --save-stats, or by pytorch-fid (mu and sigma only: n and fingerprint unknown)."""
+    """Statistics saved by --save-stats, or by pytorch-fid (mu, sigma; n and fingerprint None)."""
     try:
         with np.load(path) as f:
             stats = {k: f[k] for k in f.files}
     except (OSError, ValueError) as e:
         raise SeqganError(f"cannot read statistics {path} ({e})") from None
     if "mu" not in stats or "sigma" not in stats:
-        raise SeqganError(f"{path} has no 'mu' and 'sigma' arrays (found: {', '.join(sorted(stats)) or 'nothing'})")
+        raise SeqganError(f"{path} has no 'mu' and 'sigma' arrays (found: "
+                          f"{', '.join(sorted(stats)) or 'nothing'})")
     mu, sigma = stats["mu"].astype(np.float64), stats["sigma"].astype(np.float64)
     if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
         raise SeqganError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not (D,) and (D, D)")
-    n = int(stats["n"]) if "n" in stats else None
-    return dict(mu=mu, sigma=sigma, n=n, fingerprint=str(stats.get("fingerprint", "")))
-
+    return dict(mu=mu, sigma=sigma, n=int(stats["n"]) if "n" in stats else None,
+                fingerprint=str(stats.get("fingerprint", "")))
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """d^2 = |mu1 - mu2|^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)), computed as pytorch-fid does."""
-    mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
-    sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
+    """d^2 = |mu1 - mu2|^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)), as pytorch-fid."""
+    mu1, mu2 = (np.atleast_1d(m).astype(np.float64) for m in (mu1, mu2))
+    sigma1, sigma2 = (np.atleast_2d(s).astype(np.float64) for s in (sigma1, sigma2))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise SeqganError(f"statistics of different dimension ({len(mu1)} vs {len(mu2)}): "
-                          "were both made with the 2048-d FID Inception features?")
+        raise SeqganError(f"statistics of different dimension ({len(mu1)} vs {len(mu2)}): were "
+                          "both made with the 2048-d FID Inception features?")
     covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():  # singular product: shift both covariances a little, as pytorch-fid
-        print(f"warning: sqrtm(sigma1 sigma2) is not finite; adding {eps} * I to both covariances", file=sys.stderr)
+    if not np.isfinite(covmean).all():  # singular product: shift both a little, as pytorch-fid
+        print(f"warning: sqrtm(sigma1 sigma2) is not finite; adding {eps} * I to both "
+              "covariances", file=sys.stderr)
         offset = eps * np.eye(len(mu1))
         covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        # The exact root is real (product of two PSD matrices); small imaginary parts are round-off.
+    if np.iscomplexobj(covmean):  # the exact root is real (PSD product): round-off, unless large
         imag = np.abs(np.diagonal(covmean).imag).max()
         if imag > 1e-3:
-            raise SeqganError(f"sqrtm(sigma1 sigma2) has imaginary diagonal {imag:.3g} > 1e-3. Likely causes: "
-                              "too few samples (use >= 2048, 50k for reported numbers), SciPy "
-                              f"{scipy.__version__} (1.11.2-1.12 have a sqrtm regression; use >= 1.13), "
-                              "or collapsed, near-identical samples")
+            raise SeqganError(f"sqrtm(sigma1 sigma2) has imaginary diagonal {imag:.3g} > 1e-3. "
+                              "Likely causes: too few samples (use >= 2048, 50k for reported "
+                              f"numbers), SciPy {scipy.__version__} (1.11.2-1.12 have a sqrtm "
+                              "regression; use >= 1.13), or collapsed, near-identical samples")
         covmean = covmean.real
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
-
 def fid_from_stats(stats1, stats2):
-    """FID of two statistics dicts, refusing ones made with different weights or preprocessing."""
+    """FID of two statistics dicts, refusing ones made with other weights or preprocessing."""
     f1, f2 = stats1.get("fingerprint", ""), stats2.get("fingerprint", "")
     if f1 and f2 and f1 != f2:
-        raise SeqganError(f"statistics made with different Inception weights or preprocessing ({f1!r} vs {f2!r})")
+        raise SeqganError(f"statistics made with different Inception weights or preprocessing "
+                          f"({f1!r} vs {f2!r})")
     dim = len(stats1["mu"])
     for n in sorted({stats1["n"], stats2["n"]} - {None}):
         if n < dim:
-            print(f"warning: FID from {n} images, fewer than the {dim} feature dimensions: sigma is singular "
-                  "and FID biased upward; use 50k images for reported numbers", file=sys.stderr)
+            print(f"warning: FID from {n} images, fewer than the {dim} feature dimensions: sigma "
+                  "is singular and FID biased upward; use 50k images for reported numbers",
+                  file=sys.stderr)
     return frechet_distance(stats1["mu"], stats1["sigma"], stats2["mu"], stats2["sigma"])
 
-
 def inception_score(logits, splits=10):
-    """IS = exp(E_x KL(p(y|x) || p(y))) on each of `splits` parts, p(y) the part's mean; -> (mean, std)
-    over parts. Softmax over all 1008 logits and the split boundaries as openai/improved-gan."""
-    logp = scipy.special.log_softmax(np.asarray(logits, dtype=np.float64), axis=1)  # log p(y|x), (N, C)
+    """IS = exp(E_x KL(p(y|x) || p(y))) on each of `splits` parts, p(y) the part's mean -> (mean,
+    std) over parts. Softmax over all 1008 logits, split boundaries as openai/improved-gan."""
+    logp = scipy.special.log_softmax(np.asarray(logits, dtype=np.float64), axis=1)  # (N, C)
     n = len(logp)
     if n < splits:
-        raise SeqganError(f"the Inception Score with {splits} splits needs at least {splits} images, got {n}")
+        raise SeqganError(f"the Inception Score with {splits} splits needs at least {splits} "
+                          f"images, got {n}")
     scores = []
     for i in range(splits):
-        part = logp[i * n // splits:(i + 1) * n // splits]
+        part = logp[i * n // splits:(i + 1) * n // splits]  # log p(y|x)
         log_py = np.log(np.exp(part).mean(0))  # log p(y), (C,)
-        kl = (np.exp(part) * (part - log_py)).sum(1)  # KL(p(y|x) || p(y)) per image
-        scores.append(np.exp(kl.mean()))
+        scores.append(np.exp((np.exp(part) * (part - log_py)).sum(1).mean()))  # exp(mean KL)
     return float(np.mean(scores)), float(np.std(scores))
 
 # -----------------------------------------------------------------------------
-# high-level: folders and statistics files, tokenizer reconstructions
-
+# folders and statistics files, tokenizer reconstructions, the command line
 
 def stats_for(path, model, device, batch_size=50, num_workers=NUM_WORKERS):
     """Statistics of an image folder, or loaded from a .npz file."""
@@ -367,136 +339,126 @@ def stats_for(path, model, device, batch_size=50, num_workers=NUM_WORKERS):
     feats, _ = compute_features(model, plumbing.list_images(path), device, batch_size, num_workers)
     return compute_stats(feats, model.fingerprint)
 
-
-def fid_from_folders(path1, path2, model, device, batch_size=50, num_workers=NUM_WORKERS):
-    """FID between two image folders or .npz statistics files -> (fid, n1, n2)."""
-    s1, s2 = (stats_for(p, model, device, batch_size, num_workers) for p in (path1, path2))
-    return fid_from_stats(s1, s2), s1["n"], s2["n"]
-
-
 @torch.no_grad()
 def recon_metrics(tok, folder, model, device, batch_size=50, num_workers=NUM_WORKERS):
-    """rFID (originals vs reconstructions, both at the tokenizer's size), PSNR, and codebook usage counted
-    over the whole pass (perplexity from the same counts) of a tokenizer on an image folder, in one pass.
-    Under torchrun every rank takes a shard of the images, and rank 0 gets the result (the others None)."""
+    """rFID (originals vs reconstructions at the tokenizer's size), PSNR, and codebook usage over
+    the whole pass (perplexity from the same counts) of a tokenizer on an image folder. Images as
+    in training (ImageFolder); under torchrun a shard per rank, the result on rank 0 (else None)."""
     device, K = torch.device(device), tok.cfg.n_codes
-    # seqgan's ImageFolder prepares images as in training: shorter side to image_size, centre crop;
-    # under torchrun each rank takes a contiguous shard, and the sums and features are gathered below
     images = plumbing.ImageFolder(folder, tok.cfg.image_size)
     images = torch.utils.data.Subset(images, my_shard(list(range(len(images)))))
-    data = loader(images, batch_size, num_workers, device)
     real, fake, psnr_sum, n, t0 = [], [], 0.0, 0, time.time()
     counts = torch.zeros(K, dtype=torch.long, device=device)
     with fp32(device):
-        for x, _ in tqdm(data, unit="batch", desc="reconstruct", leave=False, disable=not plumbing.is_master()):
+        for x, _ in tqdm(loader(images, batch_size, num_workers, device), unit="batch",
+                         desc="reconstruct", leave=False, disable=not plumbing.is_master()):
             x = 2 * to_unit(x, device) - 1  # (B, 3, S, S) in [-1, 1]
             x_hat, idx, _ = tok(x)
             x_hat = x_hat.float().clamp(-1, 1)
             real.append(model((x + 1) / 2)[0])
             fake.append(model((x_hat + 1) / 2)[0])
-            psnr_sum = psnr_sum + seqgan.psnr(x_hat, x) * len(x)  # a tensor: no host sync per batch
+            psnr_sum = psnr_sum + seqgan.psnr(x_hat, x) * len(x)  # a tensor: no host sync
             seqgan.count_codes(counts, idx)
             n += len(x)
     n = int(plumbing.all_reduce_sum(torch.tensor(n, device=device)))
-    psnr_sum = plumbing.all_reduce_sum(torch.as_tensor(psnr_sum, device=device, dtype=torch.float32))
+    psnr_sum = plumbing.all_reduce_sum(torch.as_tensor(psnr_sum, device=device).float())
     plumbing.all_reduce_sum(counts)
     real, fake = (plumbing.gather_rows(torch.cat(f)) for f in (real, fake))
     report_speed("reconstruct + inception", n, t0)
     if not plumbing.is_master():
-        return None  # under torchrun rank 0 alone fits the statistics and reports
+        return None  # rank 0 alone fits the statistics and reports
     real, fake = (compute_stats(f.double().cpu().numpy(), model.fingerprint) for f in (real, fake))
     usage, perplexity = seqgan.codebook_usage(counts)
     used = int((counts > 0).sum())
     if used < 0.1 * K:
         print(f"warning: only {used}/{K} codes used; raise the entropy weight", file=sys.stderr)
-    return dict(rfid=fid_from_stats(real, fake), psnr=float(psnr_sum / n), usage=usage.item(), codes_used=used,
-                n_codes=K, perplexity=perplexity.item(), n=n)
+    return dict(rfid=fid_from_stats(real, fake), psnr=float(psnr_sum / n), usage=usage.item(),
+                codes_used=used, n_codes=K, perplexity=perplexity.item(), n=n)
 
-# -----------------------------------------------------------------------------
-# command line
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("paths", nargs="*", help="two image folders or .npz statistics for FID; "
-                                            "one folder with --save-stats and/or --is")
-    p.add_argument("--save-stats", metavar="OUT.npz", help="save mu, sigma, n (and a fingerprint of weights and "
-                                                           "preprocessing) of the one folder, to use in its place")
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs="*", help="FID: two image folders or .npz statistics files")
+    p.add_argument("--save-stats", metavar="OUT.npz", help="save the one folder's mu, sigma, n "
+                   "(and a fingerprint of weights and preprocessing) to use in its place")
     p.add_argument("--is", dest="inception_score", action="store_true",
                    help="Inception Score of the one folder: mean and std over 10 splits")
-    p.add_argument("--recon", metavar="CKPT", help="tokenizer checkpoint: rFID, PSNR and codebook usage on --images")
+    p.add_argument("--recon", metavar="CKPT", help="tokenizer: rFID, PSNR, code usage on --images")
     p.add_argument("--images", metavar="FOLDER", help="validation image folder for --recon")
-    p.add_argument("--batch-size", type=int, default=50, help="images per Inception forward (default: 50)")
-    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N; under torchrun "
-                                                    "cuda:LOCAL_RANK (default: auto)")
-    p.add_argument("--backend", default="auto", help="torch.distributed backend under torchrun: auto (nccl on GPUs, "
-                                                     "gloo on CPU), nccl or gloo (default: auto)")
-    p.add_argument("--num-workers", type=int, default=NUM_WORKERS,
-                   help="DataLoader processes decoding images; 0 decodes in the main process (default: %(default)s)")
-    p.add_argument("--inception-weights", metavar="PATH", help=f"{WEIGHTS_FILE} to use (default: download it into "
-                   "the torch hub cache); 'random' for tests only: all numbers are then meaningless")
+    p.add_argument("--batch-size", type=int, default=50, help="images per forward (default: 50)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--num-workers", type=int, default=NUM_WORKERS, help="image-decoding "
+                   "processes; 0: the main process (default: %(default)s)")
+    p.add_argument("--inception-weights", metavar="PATH", help=f"{WEIGHTS_FILE} to use (default: "
+                   "download it into the torch hub cache); 'random' for tests: meaningless numbers")
     args = p.parse_args(argv)
     n_paths = 1 if (args.save_stats or args.inception_score) else 2
-    ok = (args.images and not args.paths) if args.recon else (len(args.paths) == n_paths and not args.images)
+    ok = (args.images and not args.paths) if args.recon else (len(args.paths) == n_paths
+                                                               and not args.images)
     if not ok:
         raise SeqganError("use: fid.py A B | fid.py FOLDER --save-stats OUT.npz and/or --is | "
                           "fid.py --recon CKPT --images FOLDER (see --help)")
     if args.save_stats and not args.save_stats.endswith(".npz"):
-        raise SeqganError(f"--save-stats {args.save_stats}: end the name in .npz (fid.py reads only .npz as statistics)")
-    # Under torchrun each rank computes the features of its shard of the images; they are gathered in
-    # order, and rank 0 alone prints and writes, so the numbers are those of a one-process run.
-    _, _, _, _, device = plumbing.setup_distributed(args.device, args.backend)
-    master = plumbing.is_master()
-    kw = dict(batch_size=args.batch_size, num_workers=args.num_workers)
+        raise SeqganError(f"--save-stats {args.save_stats}: end the name in .npz (fid.py reads "
+                          "only .npz as statistics)")
+    if len(args.paths) == 1 and args.paths[0].endswith(".npz"):
+        raise SeqganError(f"--save-stats and --is need an image folder, not the statistics file "
+                          f"{args.paths[0]}")
+    for path in args.paths + [args.images] * bool(args.recon):  # fail before the network loads
+        if path.endswith(".npz"):
+            load_stats(path)
+        else:
+            plumbing.list_images(path)
+    return args
 
+def main(argv=None):
+    """-> the numbers it printed (rank 0; {} on the other ranks under torchrun)."""
+    args = parse(argv)
+    # Under torchrun each rank computes the features of its shard of the images; they are
+    # gathered in order, and rank 0 alone prints and writes: the numbers of one process.
+    *_, device = plumbing.setup_distributed(args.device)
+    kw, result = dict(batch_size=args.batch_size, num_workers=args.num_workers), {}
+    tok = plumbing.load_tokenizer(args.recon, device) if args.recon else None
+    # two statistics files are two Gaussians: no network (nor its weights) is needed
+    need_net = args.recon or not all(p.endswith(".npz") for p in args.paths)
+    model = load_inception(args.inception_weights, device) if need_net else None
     if args.recon:
-        tok = plumbing.load_tokenizer(args.recon, device)
-        plumbing.list_images(args.images)  # a bad folder fails before the Inception weights load
-        r = recon_metrics(tok, args.images, load_inception(args.inception_weights, device), device, **kw)
-        plumbing.teardown()
-        if not master:
-            return {}
-        print(f"rFID {r['rfid']:.4f}  PSNR {r['psnr']:.2f} dB  codebook usage {r['codes_used']}/{r['n_codes']} "
-              f"({r['usage']:.1%}), perplexity {r['perplexity']:.1f}  (N={r['n']} {args.images})")
-        return r
-    if len(args.paths) == 2:
-        for path in args.paths:  # fail on a bad input before loading the network and computing the other
-            if path.endswith(".npz"):
-                load_stats(path)
-            else:
-                plumbing.list_images(path)
-        # two statistics files are two Gaussians: no network (nor its weights) is needed to compare them
-        folders = [p for p in args.paths if not p.endswith(".npz")]
-        model = load_inception(args.inception_weights, device) if folders else None
-        s1, s2 = (stats_for(p, model, device, **kw) for p in args.paths)  # every rank: the features are gathered
-        plumbing.teardown()
-        if not master:
-            return {}
-        score, n1, n2 = fid_from_stats(s1, s2), s1["n"], s2["n"]
-        print(f"FID {score:.4f}  (N={n1 or '?'} {args.paths[0]}, N={n2 or '?'} {args.paths[1]})")
-        return dict(fid=score, n=(n1, n2))
-    folder, result = args.paths[0], {}
-    if folder.endswith(".npz"):
-        raise SeqganError(f"--save-stats and --is need an image folder, not the statistics file {folder}")
-    paths = plumbing.list_images(folder)
-    model = load_inception(args.inception_weights, device)
-    feats, logits = compute_features(model, paths, device, **kw)
+        r = recon_metrics(tok, args.images, model, device, **kw)
+        if r is not None:
+            print(f"rFID {r['rfid']:.4f}  PSNR {r['psnr']:.2f} dB  codebook usage "
+                  f"{r['codes_used']}/{r['n_codes']} ({r['usage']:.1%}), perplexity "
+                  f"{r['perplexity']:.1f}  (N={r['n']} {args.images})")
+        result = r or {}
+    elif len(args.paths) == 2:
+        s1, s2 = (stats_for(p, model, device, **kw) for p in args.paths)  # every rank
+        if plumbing.is_master():
+            score, n1, n2 = fid_from_stats(s1, s2), s1["n"], s2["n"]
+            print(f"FID {score:.4f}  (N={n1 or '?'} {args.paths[0]}, N={n2 or '?'} "
+                  f"{args.paths[1]})")
+            result = dict(fid=score, n=(n1, n2))
+    else:
+        feats, logits = compute_features(model, plumbing.list_images(args.paths[0]), device, **kw)
+        if plumbing.is_master():
+            result = one_folder(args, feats, logits, model.fingerprint)
     plumbing.teardown()
-    if not master:
-        return result
+    return result
+
+def one_folder(args, feats, logits, fingerprint):
+    """--save-stats and / or --is of the one folder's features -> what it printed."""
+    folder, result = args.paths[0], {}
     if args.save_stats:
-        stats = compute_stats(feats, model.fingerprint)
+        stats = compute_stats(feats, fingerprint)
         os.makedirs(os.path.dirname(args.save_stats) or ".", exist_ok=True)
-        with open(args.save_stats + ".tmp", "wb") as f:  # atomic: a stopped run leaves no half-written stats
+        with open(args.save_stats + ".tmp", "wb") as f:  # atomic: no half-written statistics
             np.savez(f, **stats)
         os.replace(args.save_stats + ".tmp", args.save_stats)
         print(f"saved statistics of N={stats['n']} images in {folder} to {args.save_stats}")
         result["n"] = stats["n"]
     if args.inception_score:
         result["is"] = inception_score(logits)
-        print(f"IS {result['is'][0]:.3f} +- {result['is'][1]:.3f}  (N={len(logits)} {folder}, 10 splits)")
+        print(f"IS {result['is'][0]:.3f} +- {result['is'][1]:.3f}  (N={len(logits)} {folder}, "
+              "10 splits)")
     return result
-
 
 if __name__ == "__main__":
     plumbing.cli(main)
