@@ -1,5 +1,4 @@
-"""
-FID, Inception Score and tokenizer reconstruction metrics, computed as pytorch-fid computes FID.
+"""FID, Inception Score and tokenizer reconstruction metrics, computed as pytorch-fid computes FID.
 
   python fid.py real/ samples/                         # FID of two image folders (recursive)
   python fid.py real/ --save-stats real.npz            # cache statistics: python fid.py real.npz s/
@@ -9,11 +8,10 @@ FID, Inception Score and tokenizer reconstruction metrics, computed as pytorch-f
   torchrun --standalone --nproc_per_node=8 fid.py real/ samples/  # 8 GPUs: shards, same numbers
 
 FID (Heusel et al. 2017, arXiv:1706.08500): the Frechet distance between Gaussians fitted to the
-2048-d pool3 features of the TensorFlow reference's Inception-v3 in pytorch-fid's port (its weights
-pt_inception-2015-12-05-6726825d.pth). Numbers compare with published ones only for that network
-and preprocessing (PIL RGB -> [0, 1] -> bilinear 299, no antialias -> 2x - 1, fp32 without TF32,
-float64 statistics) and many samples (50k for reported numbers; below 2048 sigma is singular).
-IS (Salimans et al. 2016): the same network's 1008 logits without fc's bias (openai/improved-gan).
+2048-d pool3 features of the TF reference Inception-v3 (pytorch-fid's port). Numbers compare with
+published ones only for that network and preprocessing (PIL RGB -> [0, 1] -> bilinear 299, no
+antialias -> 2x - 1, fp32 without TF32, float64 statistics) and many samples (50k for reported
+numbers; below 2048 sigma is singular). IS (Salimans et al. 2016): its 1008 logits, no fc bias.
 """
 
 import argparse
@@ -29,7 +27,6 @@ import scipy.special
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image
 from torchvision.models.inception import Inception3, InceptionA, InceptionC, InceptionE
 from tqdm import tqdm
 
@@ -42,11 +39,10 @@ WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_we
 WEIGHTS_FILE = os.path.basename(WEIGHTS_URL)
 WEIGHTS_SHA256 = "6726825d"  # torch hub convention: the file name ends with its sha256's start
 NUM_WORKERS = min(8, os.cpu_count() or 1)  # DataLoader processes decoding images
-# Saved with every statistics file: files of other weights or preprocessing do not compare.
-PREPROCESS = "pil-rgb/bilinear-299-no-antialias/2x-1/fp32"
+PREPROCESS = "pil-rgb/bilinear-299-no-antialias/2x-1/fp32"  # saved with the statistics, compared
 
 # -----------------------------------------------------------------------------
-# the FID Inception network
+# the FID Inception network, images -> features
 
 def resize_299(x):
     """(B, 3, H, W) in [0, 1] -> (B, 3, 299, 299), as pytorch-fid (bilinear, no antialias)."""
@@ -65,7 +61,6 @@ class FIDInceptionA(InceptionA):
 
 class FIDInceptionC(InceptionC):
     """Mixed_6b..6e: torchvision's InceptionC with TensorFlow's average pool."""
-
     def forward(self, x):
         b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
         bd = self.branch7x7dbl_3(self.branch7x7dbl_2(self.branch7x7dbl_1(x)))
@@ -90,10 +85,8 @@ class FIDInceptionE(InceptionE):
 class InceptionFID(Inception3):
     """Inception-v3 of the TensorFlow FID/IS graph (inception-2015-12-05), named like torchvision's
     as pytorch-fid's fid_inception_v3(), so its weights load with strict keys. Unlike torchvision's:
-    1008 classes, no aux classifier, average pools that leave out the padding (Mixed_5*, 6*, 7b),
-    a max pool in Mixed_7c's pool branch.
+    1008 classes, no aux classifier, pools as the TF graph (see FIDInceptionA, C, E).
     forward: images (B, 3, H, W) in [0, 1] -> pool3 features (B, 2048), IS logits (B, 1008)."""
-
     LAYERS = ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1",
               "Conv2d_4a_3x3", "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a",
               "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c")
@@ -109,15 +102,13 @@ class InceptionFID(Inception3):
         self.Mixed_6e = FIDInceptionC(768, channels_7x7=192)
         self.Mixed_7b = FIDInceptionE(1280, max_pool=False)
         self.Mixed_7c = FIDInceptionE(2048, max_pool=True)
-        self.fingerprint = "untrained"  # weights and preprocessing: set by load_inception
 
     def forward(self, x):
         x = 2 * resize_299(x) - 1  # [0, 1] -> [-1, 1], the range the TF graph was trained on
         for name in self.LAYERS:
             x = getattr(self, name)(x)
         feats = x.mean((2, 3))  # pool3, (B, 2048)
-        # No bias: the reference IS code (openai/improved-gan) multiplies pool3 by the softmax
-        # weights only (torch-fidelity's "logits_unbiased"); published IS numbers come from it.
+        # no bias: published IS numbers (openai/improved-gan) use the softmax weights only
         return feats, feats @ self.fc.weight.T
 
 def load_inception(weights=None, device="cpu"):
@@ -145,15 +136,13 @@ def load_inception(weights=None, device="cpu"):
                               f"put {WEIGHTS_FILE} from {WEIGHTS_URL} at {path}, or pass "
                               "--inception-weights PATH") from None
     if not os.path.isfile(path):
-        raise SeqganError(f"--inception-weights {path}: no such file (give {WEIGHTS_FILE}, or "
-                          "'random' for tests)")
+        raise SeqganError(f"--inception-weights {path}: no such file (give {WEIGHTS_FILE})")
     model = InceptionFID()
-    try:
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))  # strict
-    except Exception as e:  # unpickling, zip and key/shape errors alike
-        detail = " ".join(str(e).split())[:200]
+    try:  # strict keys: unpickling, zip and key/shape errors alike
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as e:
         raise SeqganError(f"{path} is not pytorch-fid's {WEIGHTS_FILE} state dict "
-                          f"({detail})") from None
+                          f"({' '.join(str(e).split())[:200]})") from None
     with open(path, "rb") as f:
         digest = hashlib.file_digest(f, "sha256").hexdigest()
     if not digest.startswith(WEIGHTS_SHA256):
@@ -173,29 +162,10 @@ def fp32(device):
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
-# -----------------------------------------------------------------------------
-# images -> features
-
-class ImageFiles(torch.utils.data.Dataset):
-    """Image files decoded in DataLoader workers as pytorch-fid: PIL RGB -> uint8 (3, H, W)."""
-    def __init__(self, paths):
-        self.paths = paths
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        try:
-            with Image.open(self.paths[i]) as img:
-                img = img.convert("RGB")
-        except (OSError, ValueError) as e:  # plumbing.cli makes one line of it, even from a worker
-            raise SeqganError(f"cannot read image {self.paths[i]} ({e}); delete or replace "
-                              "it") from None
-        return torch.from_numpy(np.array(img)).permute(2, 0, 1)
-
-def collate(batch):
-    """Stack uint8 images of one size (resized on the device). Mixed sizes cannot be stacked: they
-    are resized to 299 here, in the worker, with the network's own op, and stay float."""
+def collate(paths):
+    """Decode image files in a DataLoader worker as pytorch-fid (PIL RGB, uint8) and stack them;
+    mixed sizes are resized to 299 here (else on the device), with the network's own op."""
+    batch = [plumbing.load_image(p) for p in paths]
     if len({x.shape for x in batch}) == 1:
         return torch.stack(batch)
     return torch.cat([resize_299(x[None].float() / 255) for x in batch])
@@ -204,46 +174,36 @@ def loader(dataset, batch_size, num_workers, device, collate_fn=None):
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                                        collate_fn=collate_fn, pin_memory=device.type == "cuda")
 
-def to_unit(x, device):
-    """A batch (uint8, or float in [0, 1]) -> float32 on the device in [0, 1]."""
-    x = x.to(device, non_blocking=True)
-    return x.float() / 255 if x.dtype == torch.uint8 else x.float()
-
 def report_speed(what, n, t0):
     dt = time.time() - t0  # decoding included: the number a user waits for
     if plumbing.is_master():
         print(f"{what}: {n} images in {dt:.1f}s ({n / dt:.1f} images/s)")
 
 def my_shard(items):
-    """This rank's contiguous share of a list under torchrun (in rank order the shares make up the
-    list again), else the list. Every rank needs an item, so that all of them gather rows."""
+    """This rank's contiguous share of a list under torchrun; every rank needs an item to gather."""
     if not dist.is_initialized():
         return items
-    world = dist.get_world_size()
-    if len(items) < world:
-        raise SeqganError(f"{len(items)} images for {world} processes: run fid.py with at most "
-                          f"{len(items)} processes (or without torchrun)")
+    if len(items) < (world := dist.get_world_size()):
+        raise SeqganError(f"{len(items)} images for {world} processes: run at most {len(items)}")
     return [items[i] for i in plumbing.shard(len(items), dist.get_rank(), world)]
 
 @torch.no_grad()
 def compute_features(model, images, device, batch_size=50, num_workers=NUM_WORKERS):
-    """pool3 features (N, 2048) and IS logits (N, 1008), float64 numpy, of `images`: a list of
-    paths, or an iterable of (B, 3, H, W) batches, uint8 or float in [0, 1]. Under torchrun a list
-    of paths is split across the ranks, and every rank gets all N rows back, in order."""
+    """pool3 features (N, 2048), IS logits (N, 1008), float64 numpy, of image paths (a shard per
+    rank under torchrun, all N rows back in order) or of batches, uint8 or float in [0, 1]."""
     device = torch.device(device)
     paths = isinstance(images, (list, tuple)) and all(isinstance(p, str) for p in images)
     if paths:
-        images = loader(ImageFiles(my_shard(images)), batch_size, num_workers, device, collate)
-    feats, logits, t0 = [], [], time.time()
+        images = loader(my_shard(images), batch_size, num_workers, device, collate)
+    outs, t0 = [], time.time()
     with fp32(device):
         for x in tqdm(images, unit="batch", desc="inception", leave=False,
                       disable=not plumbing.is_master()):
-            f, l = model(to_unit(x[0] if isinstance(x, (list, tuple)) else x, device))
-            feats.append(f)  # kept on the device: no host sync per batch
-            logits.append(l)
-    if not feats:
+            x = (x[0] if isinstance(x, (list, tuple)) else x).to(device, non_blocking=True)
+            outs.append(model(x.float() / 255 if x.dtype == torch.uint8 else x.float()))
+    if not outs:  # (features, logits) of each batch, kept on the device: no host sync per batch
         raise SeqganError("no images to compute Inception features of")
-    feats, logits = torch.cat(feats), torch.cat(logits)
+    feats, logits = (torch.cat(t) for t in zip(*outs))
     if paths:  # the ranks' rows in rank order: the N images in the order of the list
         feats, logits = plumbing.gather_rows(feats), plumbing.gather_rows(logits)
     report_speed("inception", len(feats), t0)
@@ -292,10 +252,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     if np.iscomplexobj(covmean):  # the exact root is real (PSD product): round-off, unless large
         imag = np.abs(np.diagonal(covmean).imag).max()
         if imag > 1e-3:
-            raise SeqganError(f"sqrtm(sigma1 sigma2) has imaginary diagonal {imag:.3g} > 1e-3. "
-                              "Likely causes: too few samples (use >= 2048, 50k for reported "
-                              f"numbers), SciPy {scipy.__version__} (1.11.2-1.12 have a sqrtm "
-                              "regression; use >= 1.13), or collapsed, near-identical samples")
+            raise SeqganError(f"sqrtm(sigma1 sigma2) has imaginary diagonal {imag:.3g} > 1e-3: "
+                              f"too few samples (>= 2048; 50k to report), SciPy {scipy.__version__}"
+                              " (1.11.2-1.12: sqrtm regression; use >= 1.13), or collapsed samples")
         covmean = covmean.real
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
@@ -306,12 +265,10 @@ def fid_from_stats(stats1, stats2):
     if f1 and f2 and f1 != f2:
         raise SeqganError(f"statistics made with different Inception weights or preprocessing "
                           f"({f1!r} vs {f2!r})")
-    dim = len(stats1["mu"])
     for n in sorted({stats1["n"], stats2["n"]} - {None}):
-        if n < dim:
+        if n < (dim := len(stats1["mu"])):
             print(f"warning: FID from {n} images, fewer than the {dim} feature dimensions: sigma "
-                  "is singular and FID biased upward; use 50k images for reported numbers",
-                  file=sys.stderr)
+                  "is singular and FID biased upward; use 50k to report", file=sys.stderr)
     return frechet_distance(stats1["mu"], stats1["sigma"], stats2["mu"], stats2["sigma"])
 
 def inception_score(logits, splits=10):
@@ -320,8 +277,7 @@ def inception_score(logits, splits=10):
     logp = scipy.special.log_softmax(np.asarray(logits, dtype=np.float64), axis=1)  # (N, C)
     n = len(logp)
     if n < splits:
-        raise SeqganError(f"the Inception Score with {splits} splits needs at least {splits} "
-                          f"images, got {n}")
+        raise SeqganError(f"IS with {splits} splits needs at least {splits} images, got {n}")
     scores = []
     for i in range(splits):
         part = logp[i * n // splits:(i + 1) * n // splits]  # log p(y|x)
@@ -341,29 +297,27 @@ def stats_for(path, model, device, batch_size=50, num_workers=NUM_WORKERS):
 
 @torch.no_grad()
 def recon_metrics(tok, folder, model, device, batch_size=50, num_workers=NUM_WORKERS):
-    """rFID (originals vs reconstructions at the tokenizer's size), PSNR, and codebook usage over
-    the whole pass (perplexity from the same counts) of a tokenizer on an image folder. Images as
-    in training (ImageFolder); under torchrun a shard per rank, the result on rank 0 (else None)."""
+    """rFID (originals vs reconstructions at the tokenizer's size), PSNR and codebook usage of a
+    tokenizer on an image folder, loaded as in training; the result on rank 0 (else None)."""
     device, K = torch.device(device), tok.cfg.n_codes
     images = plumbing.ImageFolder(folder, tok.cfg.image_size)
     images = torch.utils.data.Subset(images, my_shard(list(range(len(images)))))
-    real, fake, psnr_sum, n, t0 = [], [], 0.0, 0, time.time()
+    real, fake, psnr_sum, t0 = [], [], 0.0, time.time()
     counts = torch.zeros(K, dtype=torch.long, device=device)
     with fp32(device):
         for x, _ in tqdm(loader(images, batch_size, num_workers, device), unit="batch",
                          desc="reconstruct", leave=False, disable=not plumbing.is_master()):
-            x = 2 * to_unit(x, device) - 1  # (B, 3, S, S) in [-1, 1]
+            x = plumbing.to_input(x, device, tok.cfg.image_size)  # (B, 3, S, S) in [-1, 1]
             x_hat, idx, _ = tok(x)
             x_hat = x_hat.float().clamp(-1, 1)
             real.append(model((x + 1) / 2)[0])
             fake.append(model((x_hat + 1) / 2)[0])
             psnr_sum = psnr_sum + seqgan.psnr(x_hat, x) * len(x)  # a tensor: no host sync
             seqgan.count_codes(counts, idx)
-            n += len(x)
-    n = int(plumbing.all_reduce_sum(torch.tensor(n, device=device)))
     psnr_sum = plumbing.all_reduce_sum(torch.as_tensor(psnr_sum, device=device).float())
     plumbing.all_reduce_sum(counts)
     real, fake = (plumbing.gather_rows(torch.cat(f)) for f in (real, fake))
+    n = len(real)
     report_speed("reconstruct + inception", n, t0)
     if not plumbing.is_master():
         return None  # rank 0 alone fits the statistics and reports
@@ -381,8 +335,7 @@ def parse(argv):
     p.add_argument("paths", nargs="*", help="FID: two image folders or .npz statistics files")
     p.add_argument("--save-stats", metavar="OUT.npz", help="save the one folder's mu, sigma, n "
                    "(and a fingerprint of weights and preprocessing) to use in its place")
-    p.add_argument("--is", dest="inception_score", action="store_true",
-                   help="Inception Score of the one folder: mean and std over 10 splits")
+    p.add_argument("--is", dest="inception_score", action="store_true", help="IS over 10 splits")
     p.add_argument("--recon", metavar="CKPT", help="tokenizer: rFID, PSNR, code usage on --images")
     p.add_argument("--images", metavar="FOLDER", help="validation image folder for --recon")
     p.add_argument("--batch-size", type=int, default=50, help="images per forward (default: 50)")
@@ -392,43 +345,32 @@ def parse(argv):
     p.add_argument("--inception-weights", metavar="PATH", help=f"{WEIGHTS_FILE} to use (default: "
                    "download it into the torch hub cache); 'random' for tests: meaningless numbers")
     args = p.parse_args(argv)
-    n_paths = 1 if (args.save_stats or args.inception_score) else 2
-    ok = (args.images and not args.paths) if args.recon else (len(args.paths) == n_paths
-                                                               and not args.images)
-    if not ok:
+    n_paths = 0 if args.recon else 1 if (args.save_stats or args.inception_score) else 2
+    if len(args.paths) != n_paths or bool(args.images) != bool(args.recon):
         raise SeqganError("use: fid.py A B | fid.py FOLDER --save-stats OUT.npz and/or --is | "
                           "fid.py --recon CKPT --images FOLDER (see --help)")
     if args.save_stats and not args.save_stats.endswith(".npz"):
-        raise SeqganError(f"--save-stats {args.save_stats}: end the name in .npz (fid.py reads "
-                          "only .npz as statistics)")
+        raise SeqganError(f"--save-stats {args.save_stats}: end the name in .npz")
     if len(args.paths) == 1 and args.paths[0].endswith(".npz"):
-        raise SeqganError(f"--save-stats and --is need an image folder, not the statistics file "
-                          f"{args.paths[0]}")
-    for path in args.paths + [args.images] * bool(args.recon):  # fail before the network loads
-        if path.endswith(".npz"):
-            load_stats(path)
-        else:
-            plumbing.list_images(path)
+        raise SeqganError(f"--save-stats and --is need an image folder, not {args.paths[0]}")
+    for path in args.paths or [args.images]:  # fail before the network loads
+        load_stats(path) if path.endswith(".npz") else plumbing.list_images(path)
     return args
 
 def main(argv=None):
     """-> the numbers it printed (rank 0; {} on the other ranks under torchrun)."""
     args = parse(argv)
-    # Under torchrun each rank computes the features of its shard of the images; they are
-    # gathered in order, and rank 0 alone prints and writes: the numbers of one process.
-    *_, device = plumbing.setup_distributed(args.device)
+    *_, device = plumbing.setup_distributed(args.device)  # each rank a shard; rank 0 reports
     kw, result = dict(batch_size=args.batch_size, num_workers=args.num_workers), {}
     tok = plumbing.load_tokenizer(args.recon, device) if args.recon else None
-    # two statistics files are two Gaussians: no network (nor its weights) is needed
-    need_net = args.recon or not all(p.endswith(".npz") for p in args.paths)
+    need_net = args.recon or not all(p.endswith(".npz") for p in args.paths)  # 2 Gaussians: none
     model = load_inception(args.inception_weights, device) if need_net else None
     if args.recon:
-        r = recon_metrics(tok, args.images, model, device, **kw)
-        if r is not None:
+        result = r = recon_metrics(tok, args.images, model, device, **kw) or {}
+        if r:
             print(f"rFID {r['rfid']:.4f}  PSNR {r['psnr']:.2f} dB  codebook usage "
                   f"{r['codes_used']}/{r['n_codes']} ({r['usage']:.1%}), perplexity "
                   f"{r['perplexity']:.1f}  (N={r['n']} {args.images})")
-        result = r or {}
     elif len(args.paths) == 2:
         s1, s2 = (stats_for(p, model, device, **kw) for p in args.paths)  # every rank
         if plumbing.is_master():
@@ -436,28 +378,22 @@ def main(argv=None):
             print(f"FID {score:.4f}  (N={n1 or '?'} {args.paths[0]}, N={n2 or '?'} "
                   f"{args.paths[1]})")
             result = dict(fid=score, n=(n1, n2))
-    else:
-        feats, logits = compute_features(model, plumbing.list_images(args.paths[0]), device, **kw)
-        if plumbing.is_master():
-            result = one_folder(args, feats, logits, model.fingerprint)
+    else:  # --save-stats and / or --is of the one folder
+        folder = args.paths[0]
+        feats, logits = compute_features(model, plumbing.list_images(folder), device, **kw)
+        if plumbing.is_master() and args.save_stats:
+            stats = compute_stats(feats, model.fingerprint)
+            os.makedirs(os.path.dirname(args.save_stats) or ".", exist_ok=True)
+            with open(args.save_stats + ".tmp", "wb") as f:  # atomic: no half-written statistics
+                np.savez(f, **stats)
+            os.replace(args.save_stats + ".tmp", args.save_stats)
+            print(f"saved statistics of N={stats['n']} images in {folder} to {args.save_stats}")
+            result["n"] = stats["n"]
+        if plumbing.is_master() and args.inception_score:
+            result["is"] = inception_score(logits)
+            print(f"IS {result['is'][0]:.3f} +- {result['is'][1]:.3f}  (N={len(logits)} {folder}, "
+                  "10 splits)")
     plumbing.teardown()
-    return result
-
-def one_folder(args, feats, logits, fingerprint):
-    """--save-stats and / or --is of the one folder's features -> what it printed."""
-    folder, result = args.paths[0], {}
-    if args.save_stats:
-        stats = compute_stats(feats, fingerprint)
-        os.makedirs(os.path.dirname(args.save_stats) or ".", exist_ok=True)
-        with open(args.save_stats + ".tmp", "wb") as f:  # atomic: no half-written statistics
-            np.savez(f, **stats)
-        os.replace(args.save_stats + ".tmp", args.save_stats)
-        print(f"saved statistics of N={stats['n']} images in {folder} to {args.save_stats}")
-        result["n"] = stats["n"]
-    if args.inception_score:
-        result["is"] = inception_score(logits)
-        print(f"IS {result['is'][0]:.3f} +- {result['is'][1]:.3f}  (N={len(logits)} {folder}, "
-              "10 splits)")
     return result
 
 if __name__ == "__main__":

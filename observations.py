@@ -4,11 +4,9 @@ The paper's two observations at classroom scale (Fashion-MNIST, 32 px, cpu prese
   python observations.py                  # every row; resumable: rerun it to continue
   python observations.py --rows vqgan-s0 --quick --out out/obs_quick   # smoke run, random nets
 
-Rows are tokenizer runs: SeQ-GAN (alpha 1) and VQGAN-like (alpha 0) with the same phase 2, for three
-tokenizer seeds; an alpha sweep of phase 1 (Fig. 6, Section 3.3.2); the alpha-0 conv decoder against
-"+Attention x2" trained jointly (Table 1, Section 3.3.1). Each decoder gets PSNR, usage and rFID;
-each phase-1 tokenizer an AR prior whose N = 2,048 samples each decoder of the row decodes (gFID).
-Finished numbers go to results/observations.json (tracked), the tables into RESULTS.md.
+Rows: SeQ-GAN (alpha 1) and VQGAN-like (alpha 0), the same phase 2, three tokenizer seeds; an alpha
+sweep (Fig. 6, Section 3.3.2); conv vs "+Attention x2" at alpha 0 (Table 1, Section 3.3.1). Numbers
+go to results/observations.json (tracked), the tables into RESULTS.md.
 """
 
 import argparse
@@ -32,7 +30,6 @@ ROWS = {"seqgan-s0": (1.0, 0, True, False), "vqgan-s0": (0.0, 0, True, False),
         "seqgan-s2": (1.0, 2, True, False), "vqgan-s2": (0.0, 2, True, False)}
 SWEEP = ((0, "vqgan-s0"), (0.25, "alpha-0.25"), (0.5, "alpha-0.5"), (0.75, "alpha-0.75"),
          (1, "seqgan-s0"))
-# gFID reference images, rFID images (the first N test images as class folders), steps, samples
 FULL = dict(ref=("data/fmnist_test3k", 3000), recon=("data/fmnist_test500", 500), tok=[],
             prior=["--steps", "2000", "--eval-every", "500"], n="2048")
 QUICK = dict(ref=("data/fmnist_test100", 100), recon=("data/fmnist_test100", 100),
@@ -40,26 +37,22 @@ QUICK = dict(ref=("data/fmnist_test100", 100), recon=("data/fmnist_test100", 100
                   "--log-every", "10"], prior=["--steps", "20", "--eval-every", "10"], n="100")
 BEGIN, END = "<!-- observations:begin -->", "<!-- observations:end -->"
 
-
 class Runner:
     """Trains, samples and measures lazily: a step runs only when a missing number needs it."""
-
     def __init__(self, args):
         self.out, self.path, self.q = args.out, args.results, QUICK if args.quick else FULL
         self.res = json.load(open(self.path)) if os.path.exists(self.path) else {}
         self.vgg, self.inc = ("random", "random") if args.quick else (VGG, INCEPTION)
-        self.log = os.path.join(self.out, "commands.log")
 
     def run(self, cmd):
-        """One script as a subprocess, its command and output appended to commands.log -> stdout."""
-        cmd = [sys.executable] + cmd
-        print("$ " + " ".join(cmd[1:]), flush=True)
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        with open(self.log, "a") as f:
-            f.write("$ " + " ".join(cmd[1:]) + "\n" + r.stdout + r.stderr)
+        """One script as a subprocess, command and output appended to commands.log -> stdout."""
+        print("$ " + " ".join(cmd), flush=True)
+        r = subprocess.run([sys.executable] + cmd, capture_output=True, text=True)
+        with open(os.path.join(self.out, "commands.log"), "a") as f:
+            f.write("$ " + " ".join(cmd) + "\n" + r.stdout + r.stderr)
         if r.returncode:
-            sys.exit(f"error: a step failed (exit {r.returncode}); see {self.log}:\n"
-                     + r.stderr[-1500:])
+            sys.exit(f"error: step failed (exit {r.returncode}), see {self.out}/commands.log\n"
+                     + r.stderr[-800:])
         return r.stdout
 
     def train(self, folder, cmd):
@@ -72,12 +65,11 @@ class Runner:
 
     def tokenizer(self, row, phase):
         alpha, seed, _, attn = ROWS[row]
-        if phase == 1:
-            cmd = ["train_tokenizer.py", "--preset", "cpu", "--alpha", str(alpha), "--seed",
-                   str(seed), "--vgg-weights", self.vgg] + (["--dec-attn", "2"] if attn else [])
-        else:
-            cmd = ["train_tokenizer.py", "--phase", "2", "--init", self.tokenizer(row, 1)]
-        return self.train(os.path.join(self.out, row, f"tok{phase}"), cmd + self.q["tok"])
+        cmd = (["--phase", "2", "--init", self.tokenizer(row, 1)] if phase == 2 else
+               ["--preset", "cpu", "--alpha", str(alpha), "--seed", str(seed), "--vgg-weights",
+                self.vgg] + (["--dec-attn", "2"] if attn else []))
+        return self.train(os.path.join(self.out, row, f"tok{phase}"),
+                          ["train_tokenizer.py"] + cmd + self.q["tok"])
 
     def prior(self, row):
         cmd = ["train_prior.py", "--tokenizer", self.tokenizer(row, 1), "--model", "ar", "--preset",
@@ -117,45 +109,36 @@ class Runner:
                                            grid=s + "_grid.png"), [cmd, cmd2])
 
     def prepare(self):
-        """The real test images as class folders and the gFID reference statistics."""
+        """The first N test images as class folders (ref: gFID reference, recon: rFID) and stats."""
         if self.vgg != "random" and not all(map(os.path.exists, (VGG, INCEPTION))):
-            sys.exit(f"error: {VGG} or {INCEPTION} is missing: build both with `bash "
-                     "../shared/tools/offline_weights.sh weights` or put torchvision's VGG16 state "
-                     "dict and pytorch-fid's pt_inception file there")
+            sys.exit(f"error: {VGG} or {INCEPTION} is missing: put torchvision's VGG16 state dict "
+                     "and pytorch-fid's file there (offline: ../shared/tools/offline_weights.sh)")
         import plumbing
         for folder, n in (self.q["ref"], self.q["recon"]):
             if not os.path.isdir(folder):
                 plumbing.export_test_images("fashion-mnist", folder, n)
-        ref = self.q["ref"][0]
-        if not os.path.exists(ref + ".npz"):
-            self.run(["fid.py", ref, "--save-stats", ref + ".npz", "--inception-weights", self.inc])
-
+        if not os.path.exists(self.q["ref"][0] + ".npz"):
+            self.run(["fid.py", self.q["ref"][0], "--save-stats", self.q["ref"][0] + ".npz",
+                      "--inception-weights", self.inc])
 
 # -----------------------------------------------------------------------------
 # tables, verdicts and the picture: every number from results/observations.json
 
-
 def metrics(res, row, phase):
     """The numbers measured so far for one decoder of one row (missing ones left out)."""
-    r, g, v = (res.get(f"{row}/{k}") for k in (f"tok{phase}/recon", f"tok{phase}/gfid",
-                                                 "ar/val_loss"))
-    m = {} if r is None else dict(psnr=r["value"]["psnr"], rfid=r["value"]["rfid"],
-                                  usage=f"{r['value']['used']}/{r['value']['K']}")
-    m.update({} if v is None else dict(val=v["value"]))
-    m.update({} if g is None else dict(gfid=g["value"]["gfid"]))
-    return m
-
+    keys = (f"tok{phase}/recon", f"tok{phase}/gfid", "ar/val_loss")
+    r, g, v = (res.get(f"{row}/{k}", {}).get("value") for k in keys)
+    m = dict(psnr=r["psnr"], rfid=r["rfid"], usage=f"{r['used']}/{r['K']}") if r else {}
+    return {**m, **({} if v is None else dict(val=v)), **(dict(gfid=g["gfid"]) if g else {})}
 
 COLS = (("psnr", "PSNR dB", "{:.2f}"), ("rfid", "rFID", "{:.1f}"), ("val", "AR val loss", "{:.3f}"),
         ("gfid", "gFID", "{:.1f}"))
-
 
 def cell(vals, fmt):
     """'mean +- sd (n seeds)', one value alone as itself, '-' when not measured yet."""
     if len(vals) < 2:
         return fmt.format(vals[0]) if vals else "-"
     return f"{fmt.format(np.mean(vals))} +- {fmt.format(np.std(vals, ddof=1))} ({len(vals)})"
-
 
 def table(rows):
     """rows: [(label, [metrics of each seed])] -> a markdown table."""
@@ -167,10 +150,8 @@ def table(rows):
         lines.append(f"| {label} | {used} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
-
-def seeds(res, kind, phase):
-    return [metrics(res, f"{kind}-s{s}", phase) for s in range(3)]  # for the like-with-like rows
-
+def seeds(res, kind, phase):  # the three tokenizer seeds of SeQ-GAN or VQGAN-like
+    return [metrics(res, f"{kind}-s{s}", phase) for s in range(3)]
 
 def verdicts(res):
     """One plain sentence per comparison whose rows are all measured."""
@@ -200,21 +181,13 @@ def verdicts(res):
                    f"{attn['gfid']:.1f} vs {conv['gfid']:.1f}).")
     return say or ["No comparison has all its rows yet."]
 
-
 def markdown(res):
     dates = sorted({e["date"] for e in res.values()}) or ["-"]
     hosts = "; ".join(sorted({e["host"] for e in res.values()})) or "-"
     pic = "assets/alpha_sweep_ar_samples.png"
     return "\n\n".join([
-        BEGIN, "## The paper's two observations at classroom scale (`python observations.py`)",
-        f"Measured {dates[0]} to {dates[-1]} on {hosts}. Fashion-MNIST 32 px; tokenizers "
-        "`--preset cpu` (600 phase-1 steps, 300 phase-2 steps); AR priors `--preset cpu`, 2,000 "
-        "steps of batch 64 at lr 3e-4 (ours). Real networks with their limits: VGG16 = ImageNet "
-        "conv base with a RANDOM classifier (L_sem's logits are not ImageNet's); FID Inception = "
-        "real pool3, RANDOM fc (FID is real; no IS). rFID: N = 500 test images vs their "
-        "reconstructions; gFID: N = 2,048 samples (sampling seed 0) vs the first 3,000 test "
-        "images; both biased at this N, so compare rows, not published numbers. 'a +- b (n)' is "
-        "mean +- sd over n tokenizer seeds; each number's command is in results/observations.json.",
+        BEGIN, f"Measured {dates[0]} to {dates[-1]} on {hosts} (setup, N and the networks' limits: "
+        "above). 'a +- b (n)': mean +- sd over n tokenizer seeds; '-': not measured yet.",
         "**Like with like**: the same phase 2 for both rows; the AR prior learns phase-1 tokens, "
         "which phase 2 keeps, and each decoder decodes the same samples.",
         table([(f"{n}, {d}", seeds(res, t, p)) for t, n in (("seqgan", "SeQ-GAN a=1"),
@@ -225,19 +198,15 @@ def markdown(res):
         table([("conv", [metrics(res, "vqgan-s0", 1)]),
                ("+Attention x2", [metrics(res, "attn-a0", 1)])]),
         "**What holds at this scale:**\n\n" + "\n".join(f"- {s}" for s in verdicts(res)),
-        f"![AR samples per alpha, 0 to 1]({pic})" if os.path.exists(pic) else "", END])
-
+        f"![AR samples per alpha, 0 to 1]({pic})" if os.path.exists(pic) else "-", END])
 
 def write_results(path, res):
-    text = open(path).read() if os.path.exists(path) else "# Results\n"
-    if BEGIN in text:
-        text = text[:text.index(BEGIN)] + markdown(res) + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + markdown(res) + "\n"
+    """Replace the marked section of path (RESULTS.md) with the tables, atomically."""
+    text = open(path).read() if os.path.exists(path) else BEGIN + END
+    text = text[:text.index(BEGIN)] + markdown(res) + text[text.index(END) + len(END):]
     with open(path + ".tmp", "w") as f:
         f.write(text)
     os.replace(path + ".tmp", path)
-
 
 def sweep_picture(res, path="assets/alpha_sweep_ar_samples.png"):
     """The sweep's AR sample grids side by side, alpha 0 -> 1, each labelled."""
@@ -253,31 +222,29 @@ def sweep_picture(res, path="assets/alpha_sweep_ar_samples.png"):
         ImageDraw.Draw(canvas).text((i * (w + 8) + 4, 4), f"alpha = {a}", fill="black")
     canvas.save(path)
 
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows, run in order")
     p.add_argument("--out", default="out/observations", help="checkpoints, samples, commands.log")
-    p.add_argument("--results", default="results/observations.json", help="the numbers (tracked)")
-    p.add_argument("--md", default="RESULTS.md", help="file whose marked section gets the tables")
-    p.add_argument("--quick", action="store_true", help="smoke run: random networks, tiny steps")
+    p.add_argument("--quick", action="store_true", help="smoke run: random networks, tiny steps; "
+                   "its numbers and tables go to --out, not results/ and RESULTS.md")
     args = p.parse_args(argv)
+    where = args.out if args.quick else "results"
+    args.results = os.path.join(where, "observations.json")
+    md = os.path.join(args.out, "RESULTS.md") if args.quick else "RESULTS.md"
     rows = args.rows.split(",")
     if any(r not in ROWS for r in rows):
         sys.exit(f"error: --rows {args.rows}: choose from {', '.join(ROWS)}")
-    for d in (args.out, os.path.dirname(args.results) or "."):
-        os.makedirs(d, exist_ok=True)
+    os.makedirs(where, exist_ok=True), os.makedirs(args.out, exist_ok=True)
     runner = Runner(args)
     runner.prepare()
     for row in rows:
         for phase in (1, 2) if ROWS[row][2] else (1,):
             runner.measure(row, phase)
-        if not args.quick:
-            sweep_picture(runner.res)
-        write_results(args.md, runner.res)
-        print(f"row {row} done; tables in {args.md}", flush=True)
-
+        sweep_picture(runner.res)
+        write_results(md, runner.res)
+        print(f"row {row} done; tables in {md}", flush=True)
 
 if __name__ == "__main__":
     main()

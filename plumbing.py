@@ -5,7 +5,6 @@ import argparse
 import contextlib
 import datetime
 import gzip
-import math
 import os
 import re
 import sys
@@ -19,21 +18,17 @@ import torchvision
 from PIL import Image
 from tqdm import tqdm
 
-import seqgan
-from seqgan import SeqganError
+from seqgan import Prior, PriorConfig, SeqganError, Tokenizer, TokenizerConfig
 
 # -----------------------------------------------------------------------------
-# command line, devices, runs
+# command line, devices, torchrun (one process per GPU, nanoGPT's DDP pattern; rank 0 logs, writes)
 
 def cli(main):
-    """Run a script's main(): a SeqganError becomes one `error: ...` line and exit code 2, and every
-    rank leaves the process group, so torchrun stops the others instead of leaving them waiting."""
+    """main(): a SeqganError is one `error: ...` line and exit 2; each rank leaves the group."""
     try:
         main()
-    except SeqganError as e:
-        msg = str(e)
-        if "Original Traceback" in msg:  # re-raised from a DataLoader worker: keep its last line
-            msg = msg.strip().splitlines()[-1].split("SeqganError: ", 1)[-1]
+    except SeqganError as e:  # one from a DataLoader worker comes in its traceback: the last line
+        msg = str(e).strip().splitlines()[-1].split("SeqganError: ", 1)[-1]
         rank = os.environ.get("RANK", "0")  # an error can be one rank's own (a bad image)
         print(f"error: {msg}" if rank == "0" else f"error (rank {rank}): {msg}", file=sys.stderr)
         sys.exit(2)
@@ -43,67 +38,51 @@ def cli(main):
 def pick_device(name):
     """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> torch.device, refusing CUDA without a GPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise SeqganError(f"--device {name} was asked for but this machine has no CUDA GPU; "
                           "use --device cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise SeqganError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    return torch.device(name)
 
-# Dense bf16 tensor-core peak FLOP/s by GPU name, for MFU (nanoGPT hard-codes the A100's).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
 
 def peak_flops(device, override=0.0):
-    """Peak FLOP/s for MFU: the override if given, else by GPU name; None if unknown."""
+    """Dense bf16 peak FLOP/s for MFU: the override, else PEAK_FLOPS by GPU name, else None."""
     if override or device.type != "cuda":
         return override or None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    return next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name(device)), None)
 
 def add_config_args(parser, *config_classes, flags=None, defaults=None):
-    """A flag per field named in flags (None: every field), typed by its default; --help shows the
-    preset `defaults`. Flags not given stay out of the namespace: presets, checkpoints fill them."""
-    defaults = defaults or {}
-    names = {f.name for cls in config_classes for f in fields(cls)}
-    assert flags is None or set(flags) <= names, set(flags) - names
+    """A flag per field in flags (None: all); flags not given stay out of the namespace."""
     for cls in config_classes:
         group = parser.add_argument_group(cls.__name__)
-        for f in fields(cls):
-            if flags is not None and f.name not in flags:
-                continue
-            default, flag = defaults.get(f.name, f.default), "--" + f.name.replace("_", "-")
+        for f in (f for f in fields(cls) if flags is None or f.name in flags):
+            default = (defaults or {}).get(f.name, f.default)
             shown = "" if default in (None, "") else f" (default: {default})"
             kw = dict(default=argparse.SUPPRESS, help=f.metadata["help"] + shown)
             if isinstance(f.default, bool):
-                group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+                kw["action"] = argparse.BooleanOptionalAction
             else:  # a None default: the annotation says the type
-                group.add_argument(flag, type=type(f.default) if f.default is not None else f.type,
-                                   **kw)
+                kw["type"] = f.type if f.default is None else type(f.default)
+            group.add_argument("--" + f.name.replace("_", "-"), **kw)
 
 def config_from_args(cls, args, defaults=None):
     """Build a config: dataclass defaults < preset `defaults` < flags given on the command line."""
     names = {f.name for f in fields(cls)}
-    kw = {k: v for k, v in (defaults or {}).items() if k in names}
-    kw.update({k: v for k, v in vars(args).items() if k in names})
-    return cls(**kw)
+    return cls(**{k: v for k, v in {**(defaults or {}), **vars(args)}.items() if k in names})
 
 def run_checkpoint(out, resume, kind):
     """The checkpoint in OUT that --resume continues; None for a new run (which overwrites none)."""
     path = os.path.join(out, "ckpt.pt")
-    if resume:
-        return load_checkpoint(path, kind)
-    if os.path.exists(path):
+    if not resume and os.path.exists(path):
         raise SeqganError(f"{path} exists; pass --resume to continue it or choose another --out")
-    return None
+    return load_checkpoint(path, kind) if resume else None
 
 def refuse_changes(given, saved, names, path):
     """A resumed run keeps what its checkpoint was trained with: contrary flags are refused."""
-    for name in names:
-        if name in given and given[name] != saved[name]:
-            raise SeqganError(f"{path} was trained with --{name.replace('_', '-')} {saved[name]}, "
-                              f"not {given[name]}; drop the flag or start a new --out")
+    for name in (n for n in names if n in given and given[n] != saved[n]):
+        raise SeqganError(f"{path} was trained with --{name.replace('_', '-')} {saved[name]}, "
+                          f"not {given[name]}; drop the flag or start a new --out")
 
 def at_least_one(cfg, *names):
     """Refuse config fields below 1 (a run of 0 steps, or 0 images, would divide by zero later)."""
@@ -112,24 +91,10 @@ def at_least_one(cfg, *names):
         raise SeqganError(f"{', '.join(flags[:-1])} and {flags[-1]} must be at least 1")
 
 def count_params(module, trainable=False):
-    """Parameters of a module; trainable=True: only those that require grad."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable)
 
-# -----------------------------------------------------------------------------
-# distributed: one process per GPU under torchrun (nanoGPT's DDP pattern)
-#
-# torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them each helper is the one-process case.
-# Rank 0 alone logs and writes. A step's micro-steps all-reduce in the last backward only
-# (require_backward_grad_sync, as nanoGPT), and each rank takes its own slice of the global batch.
-
-# Rank 0 may tokenize a large data set for train_prior.py while the others wait at a barrier (NCCL's
-# default timeout is 10 minutes). A crashed rank makes no one wait: torchrun stops the others.
-DIST_TIMEOUT = datetime.timedelta(hours=2)
-
 def setup_distributed(device_flag):
-    """--device -> (ddp, rank, local_rank, world_size, device), joining the process group under
-    torchrun: one GPU per process (cuda:LOCAL_RANK) with NCCL, gloo on CPU. Every check comes
-    before init_process_group, so a bad flag stops every rank alike and none waits for the rest."""
+    """--device -> (ddp, rank, local_rank, world, device); every check before any rank waits."""
     device = pick_device(device_flag)
     if "RANK" not in os.environ:
         return False, 0, 0, 1, device
@@ -139,15 +104,12 @@ def setup_distributed(device_flag):
             raise SeqganError(f"--device {device_flag}: under torchrun each process takes the GPU "
                               "cuda:LOCAL_RANK; pass --device cuda (or auto)")
         n_local = max(int(os.environ.get("LOCAL_WORLD_SIZE", 1)), local_rank + 1)  # on this node
-        n_gpus = torch.cuda.device_count()
-        if n_local > n_gpus:
+        if n_local > (n_gpus := torch.cuda.device_count()):
             raise SeqganError(f"torchrun started {n_local} processes on this node, which has "
-                              f"{n_gpus} GPU(s); pass --nproc_per_node {n_gpus} or fewer "
-                              "(one process per GPU)")
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend, timeout=DIST_TIMEOUT)
+                              f"{n_gpus} GPU(s); pass --nproc_per_node {n_gpus} or fewer")
+        torch.cuda.set_device(device := torch.device("cuda", local_rank))  # one GPU per process
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",  # 2 h, not NCCL's 10 min:
+                            timeout=datetime.timedelta(hours=2))  # rank 0 may tokenize meanwhile
     return True, rank, local_rank, world, device
 
 def wrap(module, compile, ddp, device, backend="inductor"):
@@ -156,44 +118,32 @@ def wrap(module, compile, ddp, device, backend="inductor"):
     ids = [device.index] if device.type == "cuda" else None  # the one GPU of this process
     return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids) if ddp else module
 
-def is_master():
-    """True on rank 0, and in a run without torchrun."""
+def is_master():  # rank 0, or the one process without torchrun
     return not dist.is_initialized() or dist.get_rank() == 0
 
 def barrier():
     if dist.is_initialized():
         dist.barrier()
 
-def teardown():
-    """Leave the process group (the scripts' last line; cli() does it when a script fails)."""
+def teardown():  # the scripts' last line; cli() calls it when a script fails
     if dist.is_initialized():
         dist.destroy_process_group()
 
-def shard(n, rank, world):
-    """One rank's items of 0..n-1: contiguous, balanced; the ranks' shards in order are 0..n-1."""
+def shard(n, rank, world):  # one rank's contiguous, balanced part of 0..n-1
     return range(rank * n // world, (rank + 1) * n // world)
 
-def all_reduce_sum(t):
-    """Sum a tensor over the ranks, in place; the tensor itself without torchrun."""
+def all_reduce_sum(t):  # in place; the tensor itself without torchrun
     if dist.is_initialized():
         dist.all_reduce(t)
     return t
 
 def gather_rows(x):
-    """Every rank's rows x (n_r, ...) concatenated in rank order, on every rank. all_gather needs
-    one shape, so each rank pads to the largest n_r and the padding is cut off again."""
+    """Every rank's rows x (n_r, ...) concatenated in rank order, on every rank (on the CPU)."""
     if not dist.is_initialized():
         return x
-    if dist.get_backend() == "gloo":
-        x = x.cpu()  # gloo gathers CPU tensors only
-    n = torch.tensor([len(x)], device=x.device)
-    sizes = [torch.empty_like(n) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, n)
-    sizes = [int(s) for s in sizes]
-    padded = torch.cat([x, x.new_zeros((max(sizes) - len(x), *x.shape[1:]))])
-    parts = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded)
-    return torch.cat([p[:s] for p, s in zip(parts, sizes)])
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, x.cpu())  # pickled: any n_r
+    return torch.cat(parts)
 
 def batch_text(batch_size, grad_accum, world):
     """The global batch (per optimizer step, all ranks) spelled out: '256 (32 x 8 processes)'."""
@@ -215,41 +165,36 @@ def check_enough_data(n, what, train_cfg, world):
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
-def list_images(root):
-    """Sorted image paths under root (recursive, by extension); an error if there are none."""
+def list_images(root):  # sorted, recursive, by extension; an error if there are none
     if not os.path.isdir(root):
         raise SeqganError(f"image folder {root} does not exist; pass an existing folder of images")
     paths = sorted(os.path.join(d, f) for d, _, fs in os.walk(root, followlinks=True)
                    for f in fs if f.lower().endswith(IMAGE_EXTS))
     if not paths:
-        raise SeqganError(f"image folder {root} holds no images ({', '.join(IMAGE_EXTS)}); "
-                          "check the path")
+        raise SeqganError(f"image folder {root} holds no images ({', '.join(IMAGE_EXTS)})")
     return paths
 
-def load_image(path, size):
-    """PIL -> RGB, shorter side resized to size, centre crop -> uint8 tensor (3, size, size)."""
+def load_image(path, size=0):
+    """PIL RGB -> uint8 (3, H, W); size: the shorter side bicubic-resized to it, centre crop."""
     try:
         img = Image.open(path).convert("RGB")
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError) as e:  # cli() makes one line of it, even from a DataLoader worker
         raise SeqganError(f"cannot read image {path} ({e}); delete or replace it") from None
-    s = size / min(img.size)
-    if s != 1:
-        w, h = max(size, round(img.width * s)), max(size, round(img.height * s))
-        img = img.resize((w, h), Image.BICUBIC)
-    left, top = (img.width - size) // 2, (img.height - size) // 2
-    img = img.crop((left, top, left + size, top + size))
-    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+    if size:
+        s = size / min(img.size)  # (a resize to the same size is a copy)
+        img = img.resize([max(size, round(n * s)) for n in img.size], Image.BICUBIC)
+        left, top = (img.width - size) // 2, (img.height - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1)
 
 class ImageFolder(torch.utils.data.Dataset):
-    """Images found recursively under root. If every image sits in a subfolder, the first-level
-    subfolder names (sorted) are the classes; else the data is unlabelled (label 0, no classes)."""
+    """Images under root, labelled by first-level subfolder (sorted) if all are in one, else 0."""
     def __init__(self, root, size):
         self.paths, self.size = list_images(root), size
         tops = [os.path.relpath(p, root).split(os.sep) for p in self.paths]
-        labelled = all(len(t) > 1 for t in tops)
-        self.classes = sorted({t[0] for t in tops}) if labelled else []
+        self.classes = sorted({t[0] for t in tops}) if all(len(t) > 1 for t in tops) else []
         index = {c: i for i, c in enumerate(self.classes)}
-        self.labels = [index[t[0]] if labelled else 0 for t in tops]
+        self.labels = [index.get(t[0], 0) for t in tops]
 
     def __len__(self):
         return len(self.paths)
@@ -257,14 +202,10 @@ class ImageFolder(torch.utils.data.Dataset):
     def __getitem__(self, i):
         return load_image(self.paths[i], self.size), self.labels[i]
 
-def load_cifar10(root, train):
-    """CIFAR-10 as uint8 (N, 3, 32, 32) and labels. Under torchrun rank 0 alone downloads (two
-    downloads would write one archive at once); the others wait at the barrier, then read it."""
-    try:
-        if is_master():
+def load_cifar10(root, train):  # uint8 (N, 3, 32, 32), labels; rank 0 alone downloads it
+    if is_master():
+        with contextlib.suppress(OSError, RuntimeError):  # every rank reports it below
             torchvision.datasets.CIFAR10(root, train=train, download=True)
-    except (OSError, RuntimeError):
-        pass  # every rank reports it below
     barrier()
     try:
         ds = torchvision.datasets.CIFAR10(root, train=train, download=False)
@@ -273,29 +214,25 @@ def load_cifar10(root, train):
                           f"cifar-10-python.tar.gz there or pass --data IMAGE_FOLDER") from None
     return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets)
 
-def read_idx_gz(path):
-    """An idx file (the MNIST format), gzipped -> numpy array."""
+def read_idx_gz(path):  # a gzipped idx file (MNIST's format) -> uint8 tensor
     with gzip.open(path, "rb") as f:
         data = f.read()
     shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(data[3])]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * data[3]).reshape(shape)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8, offset=4 + 4 * data[3]).view(shape)
 
 def load_fashion_mnist(root, train):
     """Fashion-MNIST as uint8 (N, 3, 32, 32) (28 px padded to 32, grey as RGB) and labels."""
-    split = "train" if train else "t10k"
     for d in (os.path.join(root, "fashion-mnist"), FASHION_MNIST_DIR):
-        images, labels = (os.path.join(d, f"{split}-{k}-ubyte.gz") for k in ("images-idx3",
-                                                                              "labels-idx1"))
-        if os.path.isfile(images):
-            x = F.pad(torch.from_numpy(read_idx_gz(images).copy()), (2, 2, 2, 2))  # (N, 32, 32)
-            y = torch.from_numpy(read_idx_gz(labels).astype(np.int64))
+        path = os.path.join(d, ("train" if train else "t10k") + "-%s-ubyte.gz")
+        if os.path.isfile(path % "images-idx3"):
+            x = F.pad(read_idx_gz(path % "images-idx3"), (2, 2, 2, 2))  # (N, 32, 32)
+            y = read_idx_gz(path % "labels-idx1").long()
             return x[:, None].expand(-1, 3, -1, -1).contiguous(), y
     raise SeqganError(f"Fashion-MNIST not found in {root}/fashion-mnist or {FASHION_MNIST_DIR}; "
                       "apt-get install dataset-fashion-mnist")
 
 def load_dataset(name, root, size, train=True):
-    """'cifar10' | 'fashion-mnist' (32 px) | an image folder -> (Dataset of (uint8 (3, S, S),
-    label), number of classes)."""
+    """'cifar10' | 'fashion-mnist' (32 px) | an image folder -> (Dataset, number of classes)."""
     if name in ("cifar10", "fashion-mnist"):
         x, y = (load_cifar10 if name == "cifar10" else load_fashion_mnist)(root, train)
         return torch.utils.data.TensorDataset(x, y), 10
@@ -306,63 +243,51 @@ def export_test_images(name, out, n, root="data"):
     """The first n test images of 'cifar10' or 'fashion-mnist' as out/CLASS/NNNNN.png: the real
     images fid.py (FID reference, --recon) and sample.py --visualize read.
       python -c "import plumbing; plumbing.export_test_images('fashion-mnist', 'data/fm', 1000)" """
-    ds, _ = load_dataset(name, root, 32, train=False)
-    for i in range(min(n, len(ds))):
-        x, y = ds[i]
-        os.makedirs(os.path.join(out, str(int(y))), exist_ok=True)
-        path = os.path.join(out, str(int(y)), f"{i:05d}.png")
-        Image.fromarray(x.permute(1, 2, 0).numpy()).save(path)
+    xs, ys = (load_cifar10 if name == "cifar10" else load_fashion_mnist)(root, train=False)
+    for i, (x, y) in enumerate(zip(xs[:n], ys[:n].tolist())):
+        os.makedirs(os.path.join(out, str(y)), exist_ok=True)
+        Image.fromarray(x.permute(1, 2, 0).numpy()).save(os.path.join(out, str(y), f"{i:05d}.png"))
 
-def to_input(x, device, size):
-    """uint8 batch (B, 3, S, S) -> float on device in [-1, 1] at size x size."""
+def to_input(x, device, size):  # uint8 (B, 3, S, S) -> float in [-1, 1] on device, size x size
     x = x.to(device, non_blocking=True).float().div_(127.5).sub_(1)
-    if x.shape[-1] != size:
-        x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-        x = x.clamp_(-1, 1)
+    if x.shape[-1] != size:  # bicubic overshoots: clamped
+        x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True).clamp_(-1, 1)
     return x
 
 # -----------------------------------------------------------------------------
-# checkpoints: one dict, written atomically, rebuilt from its config
+# runs: checkpoints (one dict, written atomically, rebuilt from its config), the log, running means
 
 def save_checkpoint(path, ckpt):
-    """torch.save to a temp file, fsynced, renamed over path, then the folder fsynced: a kill or a
-    power loss leaves the old checkpoint or the new one, whole."""
+    """Atomic and durable (a kill or a power loss leaves the old file or the new one, whole)."""
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
     with open(path + ".tmp", "wb") as f:
-        torch.save(ckpt, f)
-        f.flush()
+        torch.save(ckpt, f)  # (flushes f)
         os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
-    with contextlib.suppress(OSError):  # the rename lasts once the folder's entry does
-        fd = os.open(folder, os.O_RDONLY)  # (not every file system fsyncs a folder)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    fd = os.open(folder, os.O_RDONLY)  # the rename lasts once the folder's entry does
+    with contextlib.suppress(OSError):  # (not every file system fsyncs a folder)
+        os.fsync(fd)
+    os.close(fd)
 
-def load_checkpoint(path, kind):
-    """Load a checkpoint dict and check its kind ('tokenizer', 'prior' or 'tokens')."""
+def load_checkpoint(path, kind):  # a checkpoint dict of that kind: tokenizer, prior or tokens
     if not os.path.isfile(path):
         raise SeqganError(f"checkpoint {path} not found")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip and torch errors alike: the file is not ours or damaged
         raise SeqganError(f"{path} is not a readable checkpoint ({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
-        found = ckpt.get("kind", "unknown") if isinstance(ckpt, dict) else "unknown"
+    if (found := ckpt.get("kind", "unknown") if isinstance(ckpt, dict) else "unknown") != kind:
         raise SeqganError(f"{path} is a {found} checkpoint, expected a {kind} checkpoint")
     return ckpt
 
-def clean_state_dict(sd):
-    """Strip the prefixes torch.compile ('_orig_mod.') and DDP ('module.') put in front of names."""
-    prefix = re.compile(r"^(?:_orig_mod\.|module\.)+")
-    return {prefix.sub("", k): v for k, v in sd.items()}
+def clean_state_dict(sd):  # without the prefixes of torch.compile and DDP
+    return {re.sub(r"^(?:_orig_mod\.|module\.)+", "", k): v for k, v in sd.items()}
 
 def model_from_checkpoint(ckpt):
     """A checkpoint's Tokenizer or Prior (by its kind) from its config and weights, frozen, eval."""
-    model_cls, config_cls = dict(tokenizer=(seqgan.Tokenizer, seqgan.TokenizerConfig),
-                                 prior=(seqgan.Prior, seqgan.PriorConfig))[ckpt["kind"]]
+    model_cls, config_cls = dict(tokenizer=(Tokenizer, TokenizerConfig),
+                                 prior=(Prior, PriorConfig))[ckpt["kind"]]
     try:
         model = model_cls(config_cls(**ckpt["model_config"]))
         model.load_state_dict(clean_state_dict(ckpt["model"]))
@@ -379,56 +304,46 @@ def load_tokenizer(path, device="cpu", ckpt=None):
                           f"train_tokenizer.py --phase 2 --init {path} first")
     return tok.to(device)
 
-# -----------------------------------------------------------------------------
-# training runs: the log both trainers write, and the running means it reports
-
-def run_log(out, master):
-    """The trainers' log: on rank 0 each line goes above the progress bar and into OUT/log.txt."""
-    path = os.path.join(out, "log.txt")
+def run_log(out, master):  # on rank 0 each line goes above the progress bar and to OUT/log.txt
     if master:
         os.makedirs(out, exist_ok=True)
-
     def log(line):
         if master:
             tqdm.write(line)
-            with open(path, "a") as f:
+            with open(os.path.join(out, "log.txt"), "a") as f:
                 f.write(line + "\n")
     return log
 
 def log_start(log, header, ckpt, train_cfg, world, get_lr):
-    """The first lines of a run: what it trains, and warnings if a resumed run's global batch or
-    --steps changed (get_lr(step, train_cfg): the trainer's schedule, a function of --steps)."""
+    """The header; warnings if a resumed run changed its global batch or --steps (get_lr's)."""
     log(header)
     if ckpt is None:
         return
-    saved, saved_world = ckpt["train_config"], ckpt.get("world_size", 1)
-    before = saved["batch_size"] * saved.get("grad_accum", 1) * saved_world
+    saved, saved_world, step = ckpt["train_config"], ckpt.get("world_size", 1), ckpt["step"]
+    before, steps = saved["batch_size"] * saved.get("grad_accum", 1) * saved_world, saved["steps"]
     if before != train_cfg.batch_size * train_cfg.grad_accum * world:
         now = batch_text(train_cfg.batch_size, train_cfg.grad_accum, world)
         log(f"warning: the checkpoint was trained with a global batch of {before} ({saved_world} "
             f"process(es)); continuing with a global batch of {now}, learning rate unchanged")
-    steps, step = saved["steps"], ckpt["step"]
     was, now = get_lr(step, replace(train_cfg, steps=steps)), get_lr(step, train_cfg)
     if was != now:
         log(f"warning: --steps {train_cfg.steps}, the checkpoint's run had {steps}: the lr "
-            f"schedule is a function of --steps, so step {step} takes lr {now:.2e} where the "
-            f"{steps}-step curve had {was:.2e}")
+            f"schedule is a function of --steps, so step {step} takes lr {now:.2e}, not {was:.2e}")
 
 class RunningMeans:
-    """Running sums of detached scalars on the device, read back averaged over steps and ranks once
-    per log interval (its one host sync); every rank reads the same, so a NaN stops all alike."""
+    """Scalars summed on the device, read as means over steps and ranks: a NaN stops every rank."""
     def __init__(self):
         self.sums, self.steps = {}, 0
 
-    def add(self, terms, scale=1.0):
+    def add(self, terms):
         for name, value in terms.items():
-            self.sums[name] = self.sums.get(name, 0) + value.detach().float() * scale
+            self.sums[name] = self.sums.get(name, 0) + value.detach().float()
 
     def read(self, world, step, lr, ckpt_path):
         sums = all_reduce_sum(torch.stack(list(self.sums.values())))
-        values = dict(zip(self.sums, (sums / (self.steps * world)).tolist()))
+        values = dict(zip(self.sums, (sums / (self.steps * world)).tolist()))  # the one host sync
         self.sums, self.steps = {}, 0
-        if not all(map(math.isfinite, values.values())):
+        if not np.isfinite(list(values.values())).all():
             terms = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
             raise SeqganError(f"non-finite loss at step {step}: {terms}; lower --lr (now {lr}) or "
                               f"check the data. Last good checkpoint: {ckpt_path}")

@@ -13,7 +13,7 @@ Paper map (paper -> code; tests in test_seqgan.py):
   Eq. 1     nearest code -> VectorQuantizer.forward; test_quantizer_returns_nearest_code
   Eq. 2     L_vq, beta on the commitment term, straight-through -> VectorQuantizer.forward;
             test_beta_scales_commitment_not_codebook, test_straight_through_reaches_encoder
-  3.4       entropy term -> VectorQuantizer.forward; test_entropy_term_raises_codebook_usage
+  entropy   codebook-usage term -> VectorQuantizer.forward; test_entropy_term_raises_codebook_usage
   Eq. 3     L_alpha = a L_sem + (1 - a) L_low -> PerceptualLoss; test_perceptual_alpha_mixes_as_eq3,
             test_perceptual_taps_are_the_named_vgg16_layers; per-layer error / target energy
             (ours): test_perceptual_balance_is_independent_of_vgg_scale
@@ -74,13 +74,13 @@ class TokenizerConfig:
     n_codes: int = option(1024, "codebook size K")
     code_dim: int = option(256, "codebook vector dimension")
     beta: float = option(0.25, "commitment weight beta of Eq. 2")
-    entropy_weight: float = option(0.01, "weight gamma of the codebook-entropy term (section 3.4)")
+    entropy_weight: float = option(0.01, "weight gamma of the codebook-entropy term")
     # 0.01 as MaskGIT; at the paper's implicit 1 a young codebook's usage is uniform: no effect
     entropy_temp: float = option(0.01, "tau of softmax(-|z-e|^2/tau): entropy term, Reg-VQ's mask")
     objective: str = option("seqgan", "seqgan, regvq (Reg-VQ) or vqkd (VQ-KD); see README")
     mask_ratio: float = option(0.0, "Reg-VQ mask: fraction of positions sampled (regvq: 0.4, ours)")
     cosine_codebook: bool = option(False, "l2-normalised codebook, cosine lookup (vqkd default on)")
-    # derived, not a flag: train_tokenizer.py sets it from --objective and --phase
+    # derived from --objective and --phase by train_tokenizer.py
     feature_dim: int = option(0, "VQ-KD phase 1: teacher channels decoded (0: pixels)")
     dec_attn: int = option(0, "attention layers after each decoder ResBlock: 0 conv-only "
                               "(phase 1), 1 phase 2, 2 Table 1's +Attention x2")
@@ -95,12 +95,10 @@ class TokenizerConfig:
             raise SeqganError(f"--mask-ratio {self.mask_ratio} is outside [0, 1]")
         f = 2 ** (len(self.ch_mult) - 1)
         if self.image_size % f:
-            raise SeqganError(f"--image-size {self.image_size} is not divisible by the "
-                              f"downsampling factor {f}")
+            raise SeqganError(f"--image-size {self.image_size}: not divisible by the factor {f}")
         low = self.image_size // f  # resolution of the first decoder level
         if self.dec_attn < 0 or self.dec_attn and (self.attn_heads % 2 or low % self.attn_block):
-            raise SeqganError("attention needs an even --attn-heads and an --attn-block dividing "
-                              f"{low}")
+            raise SeqganError(f"attention needs even attn_heads and an attn_block dividing {low}")
 
     @property
     def grid(self):
@@ -204,10 +202,10 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 # -----------------------------------------------------------------------------
-# vector quantizer (Eq. 1, Eq. 2, section 3.4)
+# vector quantizer (Eq. 1, Eq. 2, the entropy term)
 
 class VectorQuantizer(nn.Module):
-    """SeQ-GAN's quantizer: nearest code (Eq. 1), L_vq (Eq. 2) and the entropy term (section 3.4).
+    """SeQ-GAN's quantizer: nearest code (Eq. 1), L_vq (Eq. 2) and the entropy term.
     forward(z_e) -> z_q (straight-through), indices, terms: codebook_loss |sg[z_e] - z_q|^2,
     commitment_loss |z_e - sg[z_q]|^2, entropy H(P) of the batch's soft usage P, kl_uniform
     (log K - H(P)), loss (codebook + beta commitment + gamma kl_uniform); sample_*: Reg-VQ's, 0."""
@@ -259,7 +257,7 @@ class VectorQuantizer(nn.Module):
             # term (the encoder's), not the codebook term as in taming's legacy quantizer.
             codebook_loss = F.mse_loss(z_q, z.detach())
             commitment_loss = F.mse_loss(z, z_q.detach())
-            # Section 3.4: the soft assignment averaged over the (rank's) batch, D_bar, and its
+            # Entropy term: the soft assignment averaged over the (rank's) batch, D_bar, and its
             # entropy H; softmax over -*squared* distances / tau (the paper says L2 distance). The
             # paper writes "+gamma H(D_bar)", but spread usage needs the loss to raise H: we add
             # gamma * KL(D_bar || uniform) = gamma * (log K - H), -gamma H's gradient, never < 0.
@@ -970,8 +968,7 @@ def pcl_loss(f_hat, f, sample_dist, temp):
 
 def pcl_term(features, sample_dist, temp):
     """--objective regvq's PCL on relu3_3 (ours), features = (taps of x_hat, taps of x)."""
-    f_hat, f = features
-    return pcl_loss(f_hat["relu3_3"], f["relu3_3"], sample_dist, temp)
+    return pcl_loss(features[0]["relu3_3"], features[1]["relu3_3"], sample_dist, temp)
 
 class FeatureDecoder(nn.Module):
     """VQ-KD phase 1: code vectors (B, D, h, w) -> teacher features (B, feature_dim, h, w) on the

@@ -1,25 +1,19 @@
-"""
-Train a generative prior over the tokens of a frozen SeQ-GAN tokenizer: AR (causal, next token in
+"""Train a generative prior over the tokens of a frozen SeQ-GAN tokenizer: AR (causal, next token in
 raster order) or NAR (MaskGIT: bidirectional, masked tokens). The data is tokenized once, cached.
 
   python train_prior.py --tokenizer out/tokenizer2/ckpt.pt --model ar     # CIFAR-10, 8x8 tokens
   python train_prior.py --tokenizer out/tokenizer2/ckpt.pt --model nar --token-cache out/tokens.pt
   torchrun --standalone --nproc_per_node=8 train_prior.py --tokenizer out/ffhq2/ckpt.pt \
       --preset base --batch-size 32 --steps 500000 --out out/ffhq_ar   # Table 8's 172M prior
-  python train_prior.py --tokenizer out/smoke/ckpt.pt --preset cpu --steps 40 --batch-size 16 \
-      --log-every 10 --eval-every 20 --out out/smoke_ar   # CPU smoke run (tokenizing: a minute)
-
-Defaults come in three layers: the dataclasses' < the preset's (PRIOR_PRESETS' shape, Table 10's
-lr decay by --model, the tokenizer's data) < the flags; --resume takes the checkpoint's config.
 """
 
-import argparse
 import hashlib
 import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from argparse import ArgumentParser, RawDescriptionHelpFormatter
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torchvision
@@ -39,11 +33,9 @@ class TrainConfig:
     data: str = option("", "cifar10, fashion-mnist or an image folder (default: the tokenizer's)")
     data_root: str = option("", "where CIFAR-10 / Fashion-MNIST live (default: the tokenizer's)")
     token_cache: str = option("", "the tokenized data (default: OUT/tokens.pt; AR, NAR can share)")
-    out: str = option("", "folder for ckpt.pt, log.txt, tokens.pt and sample grids "
-                          "(default: out/prior_MODEL)")
+    out: str = option("", "folder: ckpt.pt, log.txt, tokens.pt, grids (default: out/prior_MODEL)")
     steps: int = option(20000, "training steps")
-    batch_size: int = option(128, "token grids per micro-step and process (global: x accum x "
-                                  "processes)")
+    batch_size: int = option(128, "grids per micro-step and process (global: x accum x processes)")
     grad_accum: int = option(1, "micro-steps (gradient accumulation) per optimizer step")
     lr: float = option(1e-4, "AdamW peak learning rate (Table 10), held until the decay starts")
     lr_decay_start: int = option(None, "step at which the lr starts to decay to end_lr (if not "
@@ -63,59 +55,49 @@ class TrainConfig:
                               "eval_every", "eval_batches")
         if self.lr_decay_start is not None and self.lr_decay_start < 0:
             raise SeqganError(f"lr_decay_start {self.lr_decay_start} is negative")
-        ar = self.model == "ar"
-        if self.end_lr is not None and (not (0 < self.end_lr if ar else 0 <= self.end_lr)
-                                        or self.end_lr > self.lr):
-            raise SeqganError(f"end_lr {self.end_lr} must lie in {'(' if ar else '['}0, --lr "
-                              f"{self.lr}]" + (": the AR prior's decay is exponential, so it "
-                                               "cannot reach 0" if ar and self.end_lr <= 0 else ""))
+        ar, end = self.model == "ar", self.end_lr
+        if end is not None and not (0 < end <= self.lr if ar else 0 <= end <= self.lr):
+            raise SeqganError(f"end_lr {end} must lie in {'(' if ar else '['}0, --lr {self.lr}]"
+                              + (": the AR prior's decay is exponential, so it cannot reach 0"
+                                 if ar and end <= 0 else ""))
 
 # The PriorConfig flags; n_codes and grid come from the tokenizer, n_classes from the data (or
 # --uncond), causal from --model: a flag for them could only disagree with those.
 SHAPE = ("n_layer", "n_head", "n_embd", "dropout")
-FLAGS = ("tokenizer", "model", "preset", "uncond", "data", "token_cache", "out", "steps",
-         "batch_size", "grad_accum", "lr", "device", "compile", "resume", "log_every",
-         "eval_every", "eval_batches", "seed") + SHAPE
+FLAGS = [f.name for f in fields(TrainConfig)  # the rest are preset values
+         if f.name not in ("data_root", "lr_decay_start", "end_lr", "num_workers")] + list(SHAPE)
 MODEL_FLAGS = ("model", "preset", "uncond") + SHAPE  # what the prior is: --resume keeps them
-# TokenizerConfig fields that shape only the decoder (phase 2 changes them), not the tokens.
-DECODER_FIELDS = ("dec_attn", "attn_heads", "attn_block", "feature_dim")
 # Table 10's lr decay (start step, end lr): AR exponential to 5e-6 from iteration 80,000, NAR
 # linear to 0 from 50,000 (of 1.5M iterations on ImageNet, 500k elsewhere).
 LR_DECAY = dict(ar=(80_000, 5e-6), nar=(50_000, 0.0))
-WEIGHT_DECAY = 1e-2  # AdamW's on matrices (Table 10); biases and norms get none
-GRAD_CLIP = 1.0  # the global gradient norm's clip: not in the paper (nanoGPT's)
 
 def parse(argv):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=RawDescriptionHelpFormatter)
     plumbing.add_config_args(p, TrainConfig, seqgan.PriorConfig, flags=FLAGS,
                              defaults=seqgan.PRIOR_PRESETS["classroom"])
     return p.parse_args(argv)
 
 def configure(args):
     """(train config, prior shape, checkpoint to continue, tokenizer checkpoint) in three layers:
-    dataclass < preset < command line. The preset layer: PRIOR_PRESETS' shape, LR_DECAY[model] and
-    the tokenizer run's data; with --resume, the checkpoint's config."""
+    dataclass < preset < command line. The preset: PRIOR_PRESETS' shape, LR_DECAY[model] and the
+    tokenizer run's data; with --resume, the checkpoint's config."""
     given = vars(args)
     model, preset = given.get("model", "ar"), given.get("preset", "classroom")
     if model not in ("ar", "nar"):
         raise SeqganError(f"--model must be ar or nar, not {model!r}")
     if preset not in seqgan.PRIOR_PRESETS:
-        raise SeqganError(f"unknown --preset {preset}; choose from "
-                          f"{', '.join(seqgan.PRIOR_PRESETS)}")
+        raise SeqganError(f"unknown --preset {preset}; use {', '.join(seqgan.PRIOR_PRESETS)}")
     out = given.get("out") or f"out/prior_{model}"
     ckpt = plumbing.run_checkpoint(out, given.get("resume"), "prior")
     if ckpt is not None:
         saved = {**ckpt["train_config"], **ckpt["model_config"]}
         plumbing.refuse_changes(given, saved, MODEL_FLAGS, os.path.join(out, "ckpt.pt"))
-    tokenizer = given.get("tokenizer") or (ckpt["train_config"]["tokenizer"] if ckpt else "")
+        layer = {**ckpt["train_config"], **{k: saved[k] for k in SHAPE}}
+    tokenizer = given.get("tokenizer") or (layer["tokenizer"] if ckpt else "")
     if not tokenizer:
-        raise SeqganError("train_prior.py needs --tokenizer CKPT (the ckpt.pt of a "
-                          "train_tokenizer.py run)")
+        raise SeqganError("train_prior.py needs --tokenizer CKPT (a train_tokenizer.py ckpt.pt)")
     tok_ckpt = plumbing.load_checkpoint(tokenizer, "tokenizer")
-    if ckpt is not None:
-        layer = {**ckpt["train_config"], **{k: ckpt["model_config"][k] for k in SHAPE}}
-    else:
+    if ckpt is None:
         tok_run = {k: v for k, v in tok_ckpt["train_config"].items()
                    if k in ("data", "data_root", "num_workers")}
         decay = dict(zip(("lr_decay_start", "end_lr"), LR_DECAY[model]))
@@ -132,10 +114,8 @@ def decay_start(train_cfg):
     return start if start < steps else steps // 2
 
 def get_lr(step, train_cfg):
-    """The lr of optimizer step `step` (0-based), a pure function of the step and the config, so a
-    resumed run stays on the curve. Table 10: lr_0 until s = decay_start(), then to lr_end at T =
-    --steps, AR exponentially: lr_0 (lr_end / lr_0) ** ((step - s) / (T - s)), NAR linearly:
-    lr_0 + (lr_end - lr_0) (step - s) / (T - s)."""
+    """Table 10: lr until decay_start(), then to end_lr at --steps, AR exponentially, NAR linearly;
+    a function of the step alone, so a resumed run stays on the curve."""
     s, T = decay_start(train_cfg), train_cfg.steps
     if step < s:
         return train_cfg.lr
@@ -147,7 +127,8 @@ def get_lr(step, train_cfg):
 def tokenizer_hash(tok_ckpt):
     """sha1 of what the tokens depend on: the tokenizer config, encoder and codebook. The decoder
     is left out, so a phase-2 checkpoint (same encoder and codebook) shares the phase-1 tokens."""
-    config = {k: v for k, v in tok_ckpt["model_config"].items() if k not in DECODER_FIELDS}
+    decoder = ("dec_attn", "attn_heads", "attn_block", "feature_dim")  # config of the decoder only
+    config = {k: v for k, v in tok_ckpt["model_config"].items() if k not in decoder}
     h = hashlib.sha1(json.dumps(config, sort_keys=True).encode())
     for k, v in sorted(plumbing.clean_state_dict(tok_ckpt["model"]).items()):
         if k.startswith(("encoder.", "quantizer.")):
@@ -159,9 +140,9 @@ def split(train_cfg, image_size):
     """(train, val) datasets and the class count. Val is the test split of CIFAR-10 / Fashion-MNIST;
     for an image folder, every 20th image in sorted order (5%, the same every run)."""
     ds, n_classes = plumbing.load_dataset(train_cfg.data, train_cfg.data_root, image_size)
-    if train_cfg.data in ("cifar10", "fashion-mnist"):
-        val, _ = plumbing.load_dataset(train_cfg.data, train_cfg.data_root, image_size, train=False)
-        return ds, val, n_classes
+    if not isinstance(ds, plumbing.ImageFolder):
+        return ds, plumbing.load_dataset(train_cfg.data, train_cfg.data_root, image_size,
+                                         train=False)[0], n_classes
     train, val = ([i for i in range(len(ds)) if (i % 20 == 0) == v] for v in (False, True))
     return torch.utils.data.Subset(ds, train), torch.utils.data.Subset(ds, val), n_classes
 
@@ -179,20 +160,20 @@ def data_fingerprint(train_ds, val_ds, train_cfg):
 def tokenize(tok, ds, train_cfg, device, desc):
     """Frozen tokenizer over a dataset in order -> (tokens (N, h*w) int16, labels (N,) int64).
     fp32, no autocast: the codes are computed once, and bf16 could flip near-tie argmins."""
-    workers = 0 if train_cfg.data in ("cifar10", "fashion-mnist") else train_cfg.num_workers
+    workers = 0 if isinstance(ds, torch.utils.data.TensorDataset) else train_cfg.num_workers
     loader = torch.utils.data.DataLoader(ds, train_cfg.batch_size, num_workers=workers)
     dtype = torch.int16 if tok.cfg.n_codes <= 32768 else torch.int32  # half int32's memory
     tokens, labels = [], []
     for x, y in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
-        x = plumbing.to_input(x, device, tok.cfg.image_size)
-        tokens.append(tok.tokenize(x).flatten(1).to("cpu", dtype))
+        tokens.append(tok.tokenize(plumbing.to_input(x, device, tok.cfg.image_size)).flatten(1)
+                      .to("cpu", dtype))
         labels.append(torch.as_tensor(y, dtype=torch.long))
     return torch.cat(tokens), torch.cat(labels)
 
 def token_set(tok, train_ds, val_ds, tok_hash, train_cfg, device, log):
-    """The data as code grids on the device: (train, train labels, val, val labels). The cache is
-    reused if its fingerprint matches, else rank 0 builds it and the others wait at the barrier;
-    a file there that is not a token cache (a checkpoint?) is refused, never overwritten."""
+    """The data as code grids on the device: (train, train labels, val, val labels). Rank 0 reuses
+    the cache if its fingerprint matches, else builds it while the others wait at the barrier; a
+    file there that is not a token cache (a checkpoint?) is refused, never overwritten."""
     path, master = train_cfg.token_cache, plumbing.is_master()
     fingerprint = dict(tokenizer=tok_hash, data=data_fingerprint(train_ds, val_ds, train_cfg))
     cache = None
@@ -208,21 +189,18 @@ def token_set(tok, train_ds, val_ds, tok_hash, train_cfg, device, log):
         cache = None if changed else cache
     if master and cache is None:
         log(f"tokenizing the data into {path}")
-        (train, train_y), (val, val_y) = (tokenize(tok, ds, train_cfg, device, f"tokenizing {name}")
-                                          for ds, name in ((train_ds, "train"), (val_ds, "val")))
-        cache = dict(kind="tokens", fingerprint=fingerprint, train=train, train_labels=train_y,
-                     val=val, val_labels=val_y)
+        cache = dict(kind="tokens", fingerprint=fingerprint)
+        for name, ds in (("train", train_ds), ("val", val_ds)):
+            cache[name], cache[f"{name}_labels"] = tokenize(tok, ds, train_cfg, device,
+                                                            f"tokenizing {name}")
         plumbing.save_checkpoint(path, cache)
     plumbing.barrier()
     cache = cache if master else plumbing.load_checkpoint(path, "tokens")
-    # On the device (CIFAR-10: 6 MB; ImageNet at 16x16: 0.7 GB), indexed per step like nanoGPT's
-    # get_batch: no DataLoader in the loop.
+    # on the device (CIFAR-10: 6 MB; ImageNet at 16x16: 0.7 GB): no DataLoader in the loop
     return tuple(cache[k].to(device) for k in ("train", "train_labels", "val", "val_labels"))
 
 def check_resume(ckpt, cfg, train_cfg, tok_hash):
     """A resumed prior must keep its tokenizer's codes and its data's classes."""
-    if ckpt is None:
-        return
     saved = seqgan.PriorConfig(**ckpt["model_config"])
     if (saved.n_codes, saved.grid) != (cfg.n_codes, cfg.grid):
         raise SeqganError(f"tokenizer {train_cfg.tokenizer} has {cfg.n_codes} codes and {cfg.grid} "
@@ -236,30 +214,26 @@ def check_resume(ckpt, cfg, train_cfg, tok_hash):
                           "(other encoder or codebook weights); start a new --out")
 
 def build(cfg, train_cfg, ckpt, device):
-    """The plain prior, AdamW and the best validation loss so far: fresh, or as the checkpoint left
-    them. Weight decay on matrices (linear weights, embeddings) only, not biases and norms."""
+    """The plain prior, AdamW (Table 10: weight decay 1e-2 on matrices, none on biases and norms)
+    and the best validation loss so far: fresh, or as the checkpoint left them."""
     raw_model = seqgan.Prior(cfg).to(device)
     groups = [[p for p in raw_model.parameters() if (p.dim() >= 2) == d] for d in (True, False)]
     fused = dict(fused=True) if device.type == "cuda" else {}
-    opt = torch.optim.AdamW([dict(params=g, weight_decay=wd)
-                             for g, wd in zip(groups, (WEIGHT_DECAY, 0.0))],
+    opt = torch.optim.AdamW([dict(params=g, weight_decay=wd) for g, wd in zip(groups, (1e-2, 0.0))],
                             lr=train_cfg.lr, betas=(0.9, 0.96), **fused)
     if ckpt is None:
         return raw_model, opt, float("inf")
-    raw_model.load_state_dict(plumbing.clean_state_dict(ckpt["model"]))
-    opt.load_state_dict(ckpt["optimizer"])
-    for group, wd in zip(opt.param_groups, (WEIGHT_DECAY, 0.0)):  # this run's, not the saved ones
-        group["lr"], group["weight_decay"] = train_cfg.lr, wd
+    raw_model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])  # (the lr: get_lr(step) before every step)
     return raw_model, opt, ckpt["best_val_loss"]
 
 def train_step(model, raw_model, opt, idx, y, cfg, ddp):
     """One AdamW step over this rank's micro-batches idx (accum, B, h*w) and labels y (accum, B) or
-    None: each loss divided by their number, DDP's all-reduce in the last backward only, then the
-    gradient clip. -> loss and accuracy averaged over the micro-steps, and the gradient norm."""
+    None, then the gradient clip. -> loss and accuracy averaged over the micro-steps, grad norm."""
     opt.zero_grad(set_to_none=True)
     terms, n = {}, len(idx)
     for micro in range(n):
-        if ddp:
+        if ddp:  # all-reduce in the last backward only
             model.require_backward_grad_sync = micro == n - 1
         with seqgan.autocast(idx.device):
             loss, acc = seqgan.prior_loss(model, cfg, idx[micro].long(),
@@ -267,15 +241,15 @@ def train_step(model, raw_model, opt, idx, y, cfg, ddp):
         (loss / n).backward()  # the mean over the micro-steps; DDP then averages over the ranks
         terms = dict(loss=terms.get("loss", 0) + loss.detach().float() / n,
                      acc=terms.get("acc", 0) + acc.detach().float() / n)
-    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), GRAD_CLIP)
+    # clip the global gradient norm at 1: not in the paper (nanoGPT's); the same on every rank
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), 1.0)
     opt.step()
-    return dict(terms, grad_norm=grad_norm)  # the norm is the same on every rank
+    return dict(terms, grad_norm=grad_norm)
 
 @torch.no_grad()
-def eval_and_save(model, tok, val, val_y, best_val, step, train_cfg, log, save):
-    """Rank 0 alone: mean validation loss and accuracy over eval_batches (the NAR masks from a fixed
-    generator, so the curve compares), a grid of samples with the paper's settings (conditional:
-    one class per column), a checkpoint; -> the best validation loss so far."""
+def evaluate(model, tok, val, val_y, step, train_cfg):
+    """Rank 0 alone: validation loss and accuracy over eval_batches (NAR masks from a fixed seed:
+    the curve compares), a grid of samples at Table 10's settings (one class per column)."""
     cfg, device, b = model.cfg, val.device, train_cfg.batch_size
     ctx, g = seqgan.autocast(device), torch.Generator(device=device).manual_seed(0)
     model.eval()
@@ -286,8 +260,6 @@ def eval_and_save(model, tok, val, val_y, best_val, step, train_cfg, log, save):
                                           val_y[i:i + b] if cfg.n_classes else None, g)
         total, n = total + torch.stack([loss, acc]) * len(val[i:i + b]), n + len(val[i:i + b])
     vl, va = (total / n).tolist()
-    best_val = min(best_val, vl)
-    log(f"eval step {step} | val loss {vl:.4f} acc {va:.3f} | best {best_val:.4f}")
     nrow = cfg.n_classes * max(1, 8 // cfg.n_classes) if 0 < cfg.n_classes <= 16 else 8
     y = torch.arange(4 * nrow, device=device) % cfg.n_classes if cfg.n_classes else None
     g = torch.Generator(device=device).manual_seed(train_cfg.seed)  # the same draws each time
@@ -301,8 +273,7 @@ def eval_and_save(model, tok, val, val_y, best_val, step, train_cfg, log, save):
     model.train()
     torchvision.utils.save_image(x, os.path.join(train_cfg.out, f"samples_{step:07d}.png"),
                                  nrow=nrow, normalize=True, value_range=(-1, 1))
-    save(best_val)
-    return best_val
+    return vl, va
 
 def header(raw_model, cfg, n_train, n_val, train_cfg, device, world, step, peak):
     """The run's first log lines: what it trains, and against which peak MFU is measured."""
@@ -328,7 +299,8 @@ def main(argv=None):
     cfg = replace(shape, n_codes=tok.cfg.n_codes, grid=tok.cfg.grid ** 2,
                   n_classes=0 if train_cfg.uncond else n_classes, causal=train_cfg.model == "ar")
     tok_hash = tokenizer_hash(tok_ckpt)
-    check_resume(ckpt, cfg, train_cfg, tok_hash)
+    if ckpt is not None:
+        check_resume(ckpt, cfg, train_cfg, tok_hash)
     global_batch = plumbing.check_enough_data(len(train_ds), "training images", train_cfg, world)
     path, log = os.path.join(train_cfg.out, "ckpt.pt"), plumbing.run_log(train_cfg.out, rank == 0)
     train, train_y, val, val_y = token_set(tok, train_ds, val_ds, tok_hash, train_cfg, device, log)
@@ -338,45 +310,38 @@ def main(argv=None):
     plumbing.log_start(log, header(raw_model, cfg, len(train), len(val), train_cfg, device, world,
                                    step, peak), ckpt, train_cfg, world, get_lr)
     log(f"config: {asdict(train_cfg)} {asdict(cfg)} | tokenizer phase {tok_ckpt['phase']}")
-
-    def save(best_val):
-        plumbing.save_checkpoint(path, dict(
-            kind="prior", step=step, best_val_loss=best_val, model_config=asdict(cfg),
-            train_config=asdict(train_cfg), world_size=world, tokenizer_hash=tok_hash,
-            tokenizer=os.path.abspath(train_cfg.tokenizer), model=raw_model.state_dict(),
-            optimizer=opt.state_dict()))
-
     # Batches seeded by (seed, start step): a resumed run does not replay; on the device: no copy
     data_g = torch.Generator(device=device).manual_seed(train_cfg.seed * 1_000_003 + step)
     means, t0, flops = plumbing.RunningMeans(), time.time(), seqgan.estimate_flops_per_token(cfg)
-    with tqdm(total=train_cfg.steps, initial=step, desc=f"{train_cfg.model} prior",
-              dynamic_ncols=True, disable=rank != 0) as bar:  # closed on an error too
-        while step < train_cfg.steps:
-            lr = get_lr(step, train_cfg)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            ix = torch.randint(len(train), (global_batch,), device=device, generator=data_g)
-            ix = ix.view(train_cfg.grad_accum, world, train_cfg.batch_size)[:, rank]  # this rank's
-            y = train_y[ix] if cfg.n_classes else None
-            means.add(train_step(model, raw_model, opt, train[ix], y, cfg, ddp))
-            means.steps += 1
-            step += 1
-            bar.update(1)
-            last, eval_step = step == train_cfg.steps, step % train_cfg.eval_every == 0
-            if step % train_cfg.log_every == 0 or eval_step or last:  # means checked before a save
-                tps = means.steps * global_batch * cfg.grid / (time.time() - t0)
-                m = means.read(world, step, train_cfg.lr, path)
-                mfu = f"{flops * tps / (peak * world):.1%}" if peak else "n/a"
-                log(f"step {step} | loss {m['loss']:.4f} acc {m['acc']:.3f} | grad norm "
-                    f"{m['grad_norm']:.3f} | lr {lr:.3e} | {tps:,.0f} tok/s | MFU {mfu}")
-                bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['acc']:.3f}")
-                t0 = time.time()
-            if rank == 0 and (eval_step or last):  # the others wait in the next all-reduce
-                best_val = eval_and_save(raw_model, tok, val, val_y, best_val, step, train_cfg, log,
-                                         save)
-                t0 = time.time()
+    for it in tqdm(range(step, train_cfg.steps), initial=step, total=train_cfg.steps,
+                   disable=rank != 0):  # it: the step being taken, step: steps done
+        lr = get_lr(it, train_cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        ix = torch.randint(len(train), (global_batch,), device=device, generator=data_g)
+        ix = ix.view(train_cfg.grad_accum, world, train_cfg.batch_size)[:, rank]  # this rank's
+        means.add(train_step(model, raw_model, opt, train[ix], train_y[ix] if cfg.n_classes else
+                             None, cfg, ddp))
+        means.steps, step = means.steps + 1, it + 1
+        last, eval_step = step == train_cfg.steps, step % train_cfg.eval_every == 0
+        if step % train_cfg.log_every == 0 or eval_step or last:  # means checked before a save
+            tps = means.steps * global_batch * cfg.grid / (time.time() - t0)
+            m = means.read(world, step, train_cfg.lr, path)
+            mfu = f"{flops * tps / (peak * world):.1%}" if peak else "n/a"
+            log(f"step {step} | loss {m['loss']:.4f} acc {m['acc']:.3f} | grad norm "
+                f"{m['grad_norm']:.3f} | lr {lr:.3e} | {tps:,.0f} tok/s | MFU {mfu}")
+            t0 = time.time()
+        if rank == 0 and (eval_step or last):  # the others wait in the next all-reduce
+            vl, va = evaluate(raw_model, tok, val, val_y, step, train_cfg)
+            best_val = min(best_val, vl)
+            log(f"eval step {step} | val loss {vl:.4f} acc {va:.3f} | best {best_val:.4f}")
+            plumbing.save_checkpoint(path, dict(
+                kind="prior", step=step, best_val_loss=best_val, model_config=asdict(cfg),
+                train_config=asdict(train_cfg), world_size=world, tokenizer_hash=tok_hash,
+                tokenizer=os.path.abspath(train_cfg.tokenizer), model=raw_model.state_dict(),
+                optimizer=opt.state_dict()))
+            t0 = time.time()
     log(f"done: {path}")
-    plumbing.teardown()
 
 if __name__ == "__main__":
     plumbing.cli(main)
