@@ -13,13 +13,15 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
 
 import numpy as np
 import torch
+
+import fid  # called in this process: fid.main returns the numbers it prints
+import plumbing
 
 VGG, INCEPTION = "weights/vgg16_imagenet_features.pth", "weights/pt_inception.pth"
 # row: (alpha, tokenizer seed, phase 2 too, phase-1 decoder with attention); in the order run
@@ -45,7 +47,7 @@ class Runner:
         self.vgg, self.inc = ("random", "random") if args.quick else (VGG, INCEPTION)
 
     def run(self, cmd):
-        """One script as a subprocess, command and output appended to commands.log -> stdout."""
+        """A trainer or sample.py as a subprocess, its output appended to commands.log."""
         print("$ " + " ".join(cmd), flush=True)
         r = subprocess.run([sys.executable] + cmd, capture_output=True, text=True)
         with open(os.path.join(self.out, "commands.log"), "a") as f:
@@ -53,7 +55,6 @@ class Runner:
         if r.returncode:
             sys.exit(f"error: step failed (exit {r.returncode}), see {self.out}/commands.log\n"
                      + r.stderr[-800:])
-        return r.stdout
 
     def train(self, folder, cmd):
         """Run a trainer unless folder/DONE exists; a stopped run resumes from its ckpt.pt."""
@@ -78,7 +79,8 @@ class Runner:
         return self.train(os.path.join(self.out, row, "ar"), cmd)
 
     def record(self, key, value, cmds):
-        host = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+        gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+        host = f"{os.cpu_count()} CPU cores, {gpu}, torch {torch.__version__}"
         self.res[key] = dict(value=value, cmd=" ; ".join(" ".join(c) for c in cmds), host=host,
                              date=str(datetime.date.today()))
         with open(self.path + ".tmp", "w") as f:
@@ -90,9 +92,9 @@ class Runner:
         if key + "recon" not in self.res:
             cmd = ["fid.py", "--recon", self.tokenizer(row, phase), "--images", self.q["recon"][0],
                    "--inception-weights", self.inc]
-            m = re.search(r"rFID (\S+)\s+PSNR (\S+) dB\s+codebook usage (\d+)/(\d+)", self.run(cmd))
-            self.record(key + "recon", dict(rfid=float(m[1]), psnr=float(m[2]), used=int(m[3]),
-                                            K=int(m[4])), [cmd])
+            r = fid.main(cmd[1:])
+            self.record(key + "recon", dict(rfid=r["rfid"], psnr=r["psnr"], used=r["codes_used"],
+                                            K=r["n_codes"]), [cmd])
         if f"{row}/ar/val_loss" not in self.res:
             log = open(os.path.join(os.path.dirname(self.prior(row)), "log.txt")).read()
             vl = float(re.findall(r"eval step \d+ \| val loss (\S+)", log)[-1])
@@ -102,10 +104,11 @@ class Runner:
             cmd = ["sample.py", "--prior", self.prior(row), "--tokenizer",
                    self.tokenizer(row, phase), "--n", self.q["n"], "--batch-size", "256",
                    "--out", s]
-            self.run(cmd)
+            if not os.path.exists(os.path.join(s, "sampling.json")):  # written last by sample.py
+                self.run(cmd)
             cmd2 = ["fid.py", self.q["ref"][0] + ".npz", s, "--inception-weights", self.inc]
-            m = re.search(r"FID (\S+)\s+\(N=(\d+) .*N=(\d+)", self.run(cmd2))
-            self.record(key + "gfid", dict(gfid=float(m[1]), n_ref=int(m[2]), n=int(m[3]),
+            r = fid.main(cmd2[1:])
+            self.record(key + "gfid", dict(gfid=r["fid"], n_ref=r["n"][0], n=r["n"][1],
                                            grid=s + "_grid.png"), [cmd, cmd2])
 
     def prepare(self):
@@ -113,16 +116,14 @@ class Runner:
         if self.vgg != "random" and not all(map(os.path.exists, (VGG, INCEPTION))):
             sys.exit(f"error: {VGG} or {INCEPTION} is missing: put torchvision's VGG16 state dict "
                      "and pytorch-fid's file there (offline: ../shared/tools/offline_weights.sh)")
-        import plumbing
         for folder, n in (self.q["ref"], self.q["recon"]):
             if not os.path.isdir(folder):
                 plumbing.export_test_images("fashion-mnist", folder, n)
         if not os.path.exists(self.q["ref"][0] + ".npz"):
-            self.run(["fid.py", self.q["ref"][0], "--save-stats", self.q["ref"][0] + ".npz",
+            fid.main([self.q["ref"][0], "--save-stats", self.q["ref"][0] + ".npz",
                       "--inception-weights", self.inc])
 
-# -----------------------------------------------------------------------------
-# tables, verdicts and the picture: every number from results/observations.json
+# --- tables, verdicts and the picture: every number from results/observations.json ------------
 
 def metrics(res, row, phase):
     """The numbers measured so far for one decoder of one row (missing ones left out)."""
@@ -150,7 +151,7 @@ def table(rows):
         lines.append(f"| {label} | {used} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
-def seeds(res, kind, phase):  # the three tokenizer seeds of SeQ-GAN or VQGAN-like
+def seeds(res, kind, phase):  # SeQ-GAN's or VQGAN-like's three tokenizer seeds
     return [metrics(res, f"{kind}-s{s}", phase) for s in range(3)]
 
 def verdicts(res):
@@ -230,9 +231,8 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="smoke run: random networks, tiny steps; "
                    "its numbers and tables go to --out, not results/ and RESULTS.md")
     args = p.parse_args(argv)
-    where = args.out if args.quick else "results"
+    where, md = (args.out, f"{args.out}/RESULTS.md") if args.quick else ("results", "RESULTS.md")
     args.results = os.path.join(where, "observations.json")
-    md = os.path.join(args.out, "RESULTS.md") if args.quick else "RESULTS.md"
     rows = args.rows.split(",")
     if any(r not in ROWS for r in rows):
         sys.exit(f"error: --rows {args.rows}: choose from {', '.join(ROWS)}")
