@@ -12,7 +12,6 @@ Prints one table and writes it as JSON (--json). Networks are randomly initialis
 not depend on the weights.
 """
 
-import argparse
 import json
 import time
 from dataclasses import asdict, dataclass, replace
@@ -192,10 +191,8 @@ VGG = None  # built once: every tokenizer stage shares one VGG16
 
 def main(argv=None):
     global VGG
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    plumbing.add_config_args(p, BenchConfig)
-    bench_cfg = plumbing.config_from_args(BenchConfig, p.parse_args(argv))
+    bench_cfg = plumbing.config_from_args(BenchConfig, plumbing.parser(__doc__, BenchConfig)
+                                          .parse_args(argv))
     device = plumbing.pick_device(bench_cfg.device)
     stages = [s for s in bench_cfg.only.split(",") if s] or list(STAGES)
     unknown = set(stages) - set(STAGES)

@@ -1,5 +1,4 @@
-"""The scripts' shared plumbing: command line from the config dataclasses, devices, torchrun (DDP),
-data, checkpoints and the run log. Nothing here is the method; that is seqgan.py."""
+"""The scripts' plumbing: command line, devices, torchrun (DDP), data, checkpoints, the run log."""
 
 import argparse
 import contextlib
@@ -8,6 +7,7 @@ import gzip
 import os
 import re
 import sys
+import time
 from dataclasses import fields, replace
 
 import numpy as np
@@ -37,8 +37,7 @@ def cli(main):
 
 def pick_device(name):
     """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> torch.device, refusing CUDA without a GPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+    name = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise SeqganError(f"--device {name} was asked for but this machine has no CUDA GPU; "
                           "use --device cpu")
@@ -52,19 +51,20 @@ def peak_flops(device, override=0.0):
         return override or None
     return next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name(device)), None)
 
-def add_config_args(parser, *config_classes, flags=None, defaults=None):
-    """A flag per field in flags (None: all); flags not given stay out of the namespace."""
+def parser(doc, *config_classes, flags=None, defaults=None):
+    """A parser with a flag per field in flags (None: all); flags not given stay out of the args."""
+    p = argparse.ArgumentParser(description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     for cls in config_classes:
-        group = parser.add_argument_group(cls.__name__)
+        group = p.add_argument_group(cls.__name__)
         for f in (f for f in fields(cls) if flags is None or f.name in flags):
             default = (defaults or {}).get(f.name, f.default)
             shown = "" if default in (None, "") else f" (default: {default})"
-            kw = dict(default=argparse.SUPPRESS, help=f.metadata["help"] + shown)
-            if isinstance(f.default, bool):
-                kw["action"] = argparse.BooleanOptionalAction
-            else:  # a None default: the annotation says the type
-                kw["type"] = f.type if f.default is None else type(f.default)
-            group.add_argument("--" + f.name.replace("_", "-"), **kw)
+            kw = (dict(action=argparse.BooleanOptionalAction) if isinstance(f.default, bool) else
+                  dict(type=f.type if f.default is None else type(f.default)))  # None: annotation
+            group.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS,
+                               help=f.metadata["help"] + shown, **kw)
+    return p
 
 def config_from_args(cls, args, defaults=None):
     """Build a config: dataclass defaults < preset `defaults` < flags given on the command line."""
@@ -137,19 +137,20 @@ def all_reduce_sum(t):  # in place; the tensor itself without torchrun
         dist.all_reduce(t)
     return t
 
-def gather_rows(x):
-    """Every rank's rows x (n_r, ...) concatenated in rank order, on every rank (on the CPU)."""
+def gather_rows(x):  # every rank's rows x (n_r, ...) in rank order, on every rank (CPU)
     if not dist.is_initialized():
         return x
     parts = [None] * dist.get_world_size()
     dist.all_gather_object(parts, x.cpu())  # pickled: any n_r
     return torch.cat(parts)
 
-def batch_text(batch_size, grad_accum, world):
-    """The global batch (per optimizer step, all ranks) spelled out: '256 (32 x 8 processes)'."""
-    parts = ([str(batch_size)] + [f"{grad_accum} accum"] * (grad_accum > 1)
-             + [f"{world} processes"] * (world > 1))
-    return f"{batch_size * grad_accum * world}" + (f" ({' x '.join(parts)})" * (len(parts) > 1))
+def run_text(train_cfg, device, world, step):
+    """'device cuda:0 x 2 processes | global batch 64 (32 x 2 processes) | start step 0'."""
+    b, k = train_cfg.batch_size, train_cfg.grad_accum
+    parts = [str(b)] + [f"{k} accum"] * (k > 1) + [f"{world} processes"] * (world > 1)
+    batch = f"{b * k * world}" + (f" ({' x '.join(parts)})" if len(parts) > 1 else "")
+    return (f"device {device}{f' x {world} processes' if world > 1 else ''} | global batch {batch}"
+            f" | start step {step}")
 
 def check_enough_data(n, what, train_cfg, world):
     """Refuse data smaller than one global batch (batch x grad_accum x processes); -> that batch."""
@@ -225,9 +226,8 @@ def load_fashion_mnist(root, train):
     for d in (os.path.join(root, "fashion-mnist"), FASHION_MNIST_DIR):
         path = os.path.join(d, ("train" if train else "t10k") + "-%s-ubyte.gz")
         if os.path.isfile(path % "images-idx3"):
-            x = F.pad(read_idx_gz(path % "images-idx3"), (2, 2, 2, 2))  # (N, 32, 32)
-            y = read_idx_gz(path % "labels-idx1").long()
-            return x[:, None].expand(-1, 3, -1, -1).contiguous(), y
+            x = F.pad(read_idx_gz(path % "images-idx3"), (2, 2, 2, 2))[:, None]  # (N, 1, 32, 32)
+            return x.expand(-1, 3, -1, -1).contiguous(), read_idx_gz(path % "labels-idx1").long()
     raise SeqganError(f"Fashion-MNIST not found in {root}/fashion-mnist or {FASHION_MNIST_DIR}; "
                       "apt-get install dataset-fashion-mnist")
 
@@ -240,9 +240,8 @@ def load_dataset(name, root, size, train=True):
     return ds, len(ds.classes)
 
 def export_test_images(name, out, n, root="data"):
-    """The first n test images of 'cifar10' or 'fashion-mnist' as out/CLASS/NNNNN.png: the real
-    images fid.py (FID reference, --recon) and sample.py --visualize read.
-      python -c "import plumbing; plumbing.export_test_images('fashion-mnist', 'data/fm', 1000)" """
+    """The first n test images of 'cifar10' or 'fashion-mnist' as out/CLASS/NNNNN.png: fid.py's
+    reference and --recon images, sample.py --visualize's (README: the command)."""
     xs, ys = (load_cifar10 if name == "cifar10" else load_fashion_mnist)(root, train=False)
     for i, (x, y) in enumerate(zip(xs[:n], ys[:n].tolist())):
         os.makedirs(os.path.join(out, str(y)), exist_ok=True)
@@ -321,30 +320,31 @@ def log_start(log, header, ckpt, train_cfg, world, get_lr):
         return
     saved, saved_world, step = ckpt["train_config"], ckpt.get("world_size", 1), ckpt["step"]
     before, steps = saved["batch_size"] * saved.get("grad_accum", 1) * saved_world, saved["steps"]
-    if before != train_cfg.batch_size * train_cfg.grad_accum * world:
-        now = batch_text(train_cfg.batch_size, train_cfg.grad_accum, world)
+    if before != (batch := train_cfg.batch_size * train_cfg.grad_accum * world):
         log(f"warning: the checkpoint was trained with a global batch of {before} ({saved_world} "
-            f"process(es)); continuing with a global batch of {now}, learning rate unchanged")
+            f"process(es)); continuing with a global batch of {batch}, learning rate unchanged")
     was, now = get_lr(step, replace(train_cfg, steps=steps)), get_lr(step, train_cfg)
     if was != now:
         log(f"warning: --steps {train_cfg.steps}, the checkpoint's run had {steps}: the lr "
             f"schedule is a function of --steps, so step {step} takes lr {now:.2e}, not {was:.2e}")
 
 class RunningMeans:
-    """Scalars summed on the device, read as means over steps and ranks: a NaN stops every rank."""
+    """Scalars summed on the device once per step, read as means over steps and ranks (with the
+    steps per second since the last read or restart): a NaN stops every rank."""
     def __init__(self):
-        self.sums, self.steps = {}, 0
+        self.sums, self.steps, self.t0 = {}, 0, time.time()
 
     def add(self, terms):
-        for name, value in terms.items():
-            self.sums[name] = self.sums.get(name, 0) + value.detach().float()
+        self.sums = {k: self.sums.get(k, 0) + v.detach().float() for k, v in terms.items()}
+        self.steps += 1
 
     def read(self, world, step, lr, ckpt_path):
         sums = all_reduce_sum(torch.stack(list(self.sums.values())))
         values = dict(zip(self.sums, (sums / (self.steps * world)).tolist()))  # the one host sync
-        self.sums, self.steps = {}, 0
+        rate = self.steps / (time.time() - self.t0)
+        self.sums, self.steps, self.t0 = {}, 0, time.time()
         if not np.isfinite(list(values.values())).all():
             terms = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
             raise SeqganError(f"non-finite loss at step {step}: {terms}; lower --lr (now {lr}) or "
                               f"check the data. Last good checkpoint: {ckpt_path}")
-        return values
+        return values, rate

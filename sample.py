@@ -50,9 +50,7 @@ class SampleConfig:
             raise SeqganError("--n and --batch-size must be at least 1")
 
 def parse(argv):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    plumbing.add_config_args(p, SampleConfig)
+    p = plumbing.parser(__doc__, SampleConfig)
     # `class` is a Python keyword, so this one flag is not a SampleConfig field
     p.add_argument("--class", dest="label", type=int, default=None,
                    help="class of every image (conditional priors); default: 0, 1, .. cycling")

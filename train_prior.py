@@ -11,8 +11,6 @@ import hashlib
 import json
 import math
 import os
-import time
-from argparse import ArgumentParser, RawDescriptionHelpFormatter
 from dataclasses import asdict, dataclass, fields, replace
 
 import torch
@@ -38,8 +36,7 @@ class TrainConfig:
     batch_size: int = option(128, "grids per micro-step and process (global: x accum x processes)")
     grad_accum: int = option(1, "micro-steps (gradient accumulation) per optimizer step")
     lr: float = option(1e-4, "AdamW peak learning rate (Table 10), held until the decay starts")
-    lr_decay_start: int = option(None, "step at which the lr starts to decay to end_lr (if not "
-                                       "below --steps: at half of --steps)")
+    lr_decay_start: int = option(None, "step at which the lr starts to decay to end_lr")
     end_lr: float = option(None, "lr reached at --steps, exponentially (AR) or linearly (NAR)")
     device: str = option("auto", "auto (CUDA if present), cpu, cuda or cuda:N")
     compile: bool = option(False, "torch.compile the prior for training")
@@ -55,11 +52,10 @@ class TrainConfig:
                               "eval_every", "eval_batches")
         if self.lr_decay_start is not None and self.lr_decay_start < 0:
             raise SeqganError(f"lr_decay_start {self.lr_decay_start} is negative")
-        ar, end = self.model == "ar", self.end_lr
-        if end is not None and not (0 < end <= self.lr if ar else 0 <= end <= self.lr):
-            raise SeqganError(f"end_lr {end} must lie in {'(' if ar else '['}0, --lr {self.lr}]"
-                              + (": the AR prior's decay is exponential, so it cannot reach 0"
-                                 if ar and end <= 0 else ""))
+        if self.end_lr is not None and not 0 <= self.end_lr <= self.lr:
+            raise SeqganError(f"end_lr {self.end_lr} must lie in [0, --lr {self.lr}]")
+        if self.end_lr == 0 and self.model == "ar":
+            raise SeqganError("end_lr 0: the AR prior's decay is exponential, so it cannot reach 0")
 
 # The PriorConfig flags; n_codes and grid come from the tokenizer, n_classes from the data (or
 # --uncond), causal from --model: a flag for them could only disagree with those.
@@ -72,10 +68,8 @@ MODEL_FLAGS = ("model", "preset", "uncond") + SHAPE  # what the prior is: --resu
 LR_DECAY = dict(ar=(80_000, 5e-6), nar=(50_000, 0.0))
 
 def parse(argv):
-    p = ArgumentParser(description=__doc__, formatter_class=RawDescriptionHelpFormatter)
-    plumbing.add_config_args(p, TrainConfig, seqgan.PriorConfig, flags=FLAGS,
-                             defaults=seqgan.PRIOR_PRESETS["classroom"])
-    return p.parse_args(argv)
+    return plumbing.parser(__doc__, TrainConfig, seqgan.PriorConfig, flags=FLAGS,
+                           defaults=seqgan.PRIOR_PRESETS["classroom"]).parse_args(argv)
 
 def configure(args):
     """(train config, prior shape, checkpoint to continue, tokenizer checkpoint) in three layers:
@@ -108,21 +102,17 @@ def configure(args):
     return replace(train_cfg, token_cache=cache), shape, ckpt, tok_ckpt
 
 def decay_start(train_cfg):
-    """The step s at which the lr starts to decay: lr_decay_start if it is below --steps, else half
-    of --steps (a classroom run of 20k steps would otherwise never reach Table 10's 50k / 80k)."""
-    start, steps = train_cfg.lr_decay_start, train_cfg.steps
-    return start if start < steps else steps // 2
+    """The step at which the lr starts to decay: lr_decay_start if below --steps, else half of
+    --steps (a classroom run of 20k steps would otherwise never reach Table 10's 50k / 80k)."""
+    s, steps = train_cfg.lr_decay_start, train_cfg.steps
+    return s if s < steps else steps // 2
 
 def get_lr(step, train_cfg):
     """Table 10: lr until decay_start(), then to end_lr at --steps, AR exponentially, NAR linearly;
     a function of the step alone, so a resumed run stays on the curve."""
-    s, T = decay_start(train_cfg), train_cfg.steps
-    if step < s:
-        return train_cfg.lr
-    frac = min(step - s, T - s) / (T - s)
-    if train_cfg.model == "ar":
-        return train_cfg.lr * (train_cfg.end_lr / train_cfg.lr) ** frac
-    return train_cfg.lr + (train_cfg.end_lr - train_cfg.lr) * frac
+    s, T, lr, end = decay_start(train_cfg), train_cfg.steps, train_cfg.lr, train_cfg.end_lr
+    frac = min(max(step - s, 0), T - s) / (T - s)
+    return lr * (end / lr) ** frac if train_cfg.model == "ar" else lr + (end - lr) * frac
 
 def tokenizer_hash(tok_ckpt):
     """sha1 of what the tokens depend on: the tokenizer config, encoder and codebook. The decoder
@@ -132,51 +122,30 @@ def tokenizer_hash(tok_ckpt):
     h = hashlib.sha1(json.dumps(config, sort_keys=True).encode())
     for k, v in sorted(plumbing.clean_state_dict(tok_ckpt["model"]).items()):
         if k.startswith(("encoder.", "quantizer.")):
-            h.update(k.encode())
-            h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            h.update(k.encode() + v.cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
-def split(train_cfg, image_size):
-    """(train, val) datasets and the class count. Val is the test split of CIFAR-10 / Fashion-MNIST;
-    for an image folder, every 20th image in sorted order (5%, the same every run)."""
-    ds, n_classes = plumbing.load_dataset(train_cfg.data, train_cfg.data_root, image_size)
+def split(train_cfg, size):
+    """(train, val, class count, the data's identity). Val: the test split of CIFAR-10 or
+    Fashion-MNIST; of a folder, every 20th image in sorted order (the same every run), and the
+    folder's identity its file names, sizes and mtimes."""
+    ds, n_classes = plumbing.load_dataset(train_cfg.data, train_cfg.data_root, size)
     if not isinstance(ds, plumbing.ImageFolder):
-        return ds, plumbing.load_dataset(train_cfg.data, train_cfg.data_root, image_size,
-                                         train=False)[0], n_classes
-    train, val = ([i for i in range(len(ds)) if (i % 20 == 0) == v] for v in (False, True))
-    return torch.utils.data.Subset(ds, train), torch.utils.data.Subset(ds, val), n_classes
-
-def data_fingerprint(train_ds, val_ds, train_cfg):
-    """The data's identity: a folder's file names, sizes and mtimes; an array dataset's sizes."""
-    folder = getattr(train_ds, "dataset", train_ds)
-    if not isinstance(folder, plumbing.ImageFolder):
-        return f"{train_cfg.data}: {len(train_ds)} train, {len(val_ds)} val"
+        val = plumbing.load_dataset(train_cfg.data, train_cfg.data_root, size, train=False)[0]
+        return ds, val, n_classes, f"{train_cfg.data}: {len(ds)} train, {len(val)} val"
     h = hashlib.sha1(b"val = every 20th")
-    for p in folder.paths:
+    for p in ds.paths:
         st = os.stat(p)
         h.update(f"{os.path.relpath(p, train_cfg.data)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
+    train, val = ([i for i in range(len(ds)) if (i % 20 == 0) == v] for v in (False, True))
+    sub = torch.utils.data.Subset
+    return sub(ds, train), sub(ds, val), n_classes, h.hexdigest()
 
-def tokenize(tok, ds, train_cfg, device, desc):
-    """Frozen tokenizer over a dataset in order -> (tokens (N, h*w) int16, labels (N,) int64).
-    fp32, no autocast: the codes are computed once, and bf16 could flip near-tie argmins."""
-    workers = 0 if isinstance(ds, torch.utils.data.TensorDataset) else train_cfg.num_workers
-    loader = torch.utils.data.DataLoader(ds, train_cfg.batch_size, num_workers=workers)
-    dtype = torch.int16 if tok.cfg.n_codes <= 32768 else torch.int32  # half int32's memory
-    tokens, labels = [], []
-    for x, y in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
-        tokens.append(tok.tokenize(plumbing.to_input(x, device, tok.cfg.image_size)).flatten(1)
-                      .to("cpu", dtype))
-        labels.append(torch.as_tensor(y, dtype=torch.long))
-    return torch.cat(tokens), torch.cat(labels)
-
-def token_set(tok, train_ds, val_ds, tok_hash, train_cfg, device, log):
-    """The data as code grids on the device: (train, train labels, val, val labels). Rank 0 reuses
-    the cache if its fingerprint matches, else builds it while the others wait at the barrier; a
-    file there that is not a token cache (a checkpoint?) is refused, never overwritten."""
-    path, master = train_cfg.token_cache, plumbing.is_master()
-    fingerprint = dict(tokenizer=tok_hash, data=data_fingerprint(train_ds, val_ds, train_cfg))
-    cache = None
+def token_set(tok, train_ds, val_ds, fingerprint, train_cfg, device, log):
+    """The data as code grids (N, h*w) and labels on the device: (train, train labels, val, val
+    labels). Rank 0 reuses the cache if its fingerprint matches, else builds it while the others
+    wait; a file there that is not a token cache (a checkpoint?) is refused, never overwritten."""
+    path, master, cache = train_cfg.token_cache, plumbing.is_master(), None
     if master and os.path.isfile(path):
         try:
             cache = plumbing.load_checkpoint(path, "tokens")
@@ -190,9 +159,15 @@ def token_set(tok, train_ds, val_ds, tok_hash, train_cfg, device, log):
     if master and cache is None:
         log(f"tokenizing the data into {path}")
         cache = dict(kind="tokens", fingerprint=fingerprint)
+        dtype = torch.int16 if tok.cfg.n_codes <= 32768 else torch.int32  # half int32's memory
         for name, ds in (("train", train_ds), ("val", val_ds)):
-            cache[name], cache[f"{name}_labels"] = tokenize(tok, ds, train_cfg, device,
-                                                            f"tokenizing {name}")
+            workers = 0 if isinstance(ds, torch.utils.data.TensorDataset) else train_cfg.num_workers
+            loader = torch.utils.data.DataLoader(ds, train_cfg.batch_size, num_workers=workers)
+            # fp32, no autocast: the codes are computed once, and bf16 could flip near-tie argmins
+            pairs = [(tok.tokenize(plumbing.to_input(x, device, tok.cfg.image_size)).flatten(1)
+                      .to("cpu", dtype), y.long()) for x, y in tqdm(
+                          loader, desc=f"tokenizing {name}", leave=False, dynamic_ncols=True)]
+            cache[name], cache[f"{name}_labels"] = (torch.cat(t) for t in zip(*pairs))
         plumbing.save_checkpoint(path, cache)
     plumbing.barrier()
     cache = cache if master else plumbing.load_checkpoint(path, "tokens")
@@ -218,20 +193,18 @@ def build(cfg, train_cfg, ckpt, device):
     and the best validation loss so far: fresh, or as the checkpoint left them."""
     raw_model = seqgan.Prior(cfg).to(device)
     groups = [[p for p in raw_model.parameters() if (p.dim() >= 2) == d] for d in (True, False)]
-    fused = dict(fused=True) if device.type == "cuda" else {}
     opt = torch.optim.AdamW([dict(params=g, weight_decay=wd) for g, wd in zip(groups, (1e-2, 0.0))],
-                            lr=train_cfg.lr, betas=(0.9, 0.96), **fused)
-    if ckpt is None:
-        return raw_model, opt, float("inf")
-    raw_model.load_state_dict(ckpt["model"])
-    opt.load_state_dict(ckpt["optimizer"])  # (the lr: get_lr(step) before every step)
-    return raw_model, opt, ckpt["best_val_loss"]
+                            lr=train_cfg.lr, betas=(0.9, 0.96), fused=device.type == "cuda")
+    if ckpt is not None:
+        raw_model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])  # (the lr: get_lr(step) before every step)
+    return raw_model, opt, ckpt["best_val_loss"] if ckpt else float("inf")
 
 def train_step(model, raw_model, opt, idx, y, cfg, ddp):
     """One AdamW step over this rank's micro-batches idx (accum, B, h*w) and labels y (accum, B) or
     None, then the gradient clip. -> loss and accuracy averaged over the micro-steps, grad norm."""
     opt.zero_grad(set_to_none=True)
-    terms, n = {}, len(idx)
+    terms, n = torch.zeros(2, device=idx.device), len(idx)
     for micro in range(n):
         if ddp:  # all-reduce in the last backward only
             model.require_backward_grad_sync = micro == n - 1
@@ -239,12 +212,11 @@ def train_step(model, raw_model, opt, idx, y, cfg, ddp):
             loss, acc = seqgan.prior_loss(model, cfg, idx[micro].long(),
                                           None if y is None else y[micro])
         (loss / n).backward()  # the mean over the micro-steps; DDP then averages over the ranks
-        terms = dict(loss=terms.get("loss", 0) + loss.detach().float() / n,
-                     acc=terms.get("acc", 0) + acc.detach().float() / n)
+        terms += torch.stack([loss.detach().float(), acc.detach().float()]) / n
     # clip the global gradient norm at 1: not in the paper (nanoGPT's); the same on every rank
     grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), 1.0)
     opt.step()
-    return dict(terms, grad_norm=grad_norm)
+    return dict(loss=terms[0], acc=terms[1], grad_norm=grad_norm)
 
 @torch.no_grad()
 def evaluate(model, tok, val, val_y, step, train_cfg):
@@ -253,13 +225,12 @@ def evaluate(model, tok, val, val_y, step, train_cfg):
     cfg, device, b = model.cfg, val.device, train_cfg.batch_size
     ctx, g = seqgan.autocast(device), torch.Generator(device=device).manual_seed(0)
     model.eval()
-    total, n = torch.zeros(2, device=device), 0
-    for i in range(0, min(len(val), train_cfg.eval_batches * b), b):
+    total, n = torch.zeros(2, device=device), min(len(val), train_cfg.eval_batches * b)
+    for i in range(0, n, b):
+        y = val_y[i:i + b] if cfg.n_classes else None
         with ctx:
-            loss, acc = seqgan.prior_loss(model, cfg, val[i:i + b].long(),
-                                          val_y[i:i + b] if cfg.n_classes else None, g)
-        total, n = total + torch.stack([loss, acc]) * len(val[i:i + b]), n + len(val[i:i + b])
-    vl, va = (total / n).tolist()
+            loss, acc = seqgan.prior_loss(model, cfg, val[i:i + b].long(), y, g)
+        total += torch.stack([loss, acc]) * len(val[i:i + b])
     nrow = cfg.n_classes * max(1, 8 // cfg.n_classes) if 0 < cfg.n_classes <= 16 else 8
     y = torch.arange(4 * nrow, device=device) % cfg.n_classes if cfg.n_classes else None
     g = torch.Generator(device=device).manual_seed(train_cfg.seed)  # the same draws each time
@@ -273,20 +244,18 @@ def evaluate(model, tok, val, val_y, step, train_cfg):
     model.train()
     torchvision.utils.save_image(x, os.path.join(train_cfg.out, f"samples_{step:07d}.png"),
                                  nrow=nrow, normalize=True, value_range=(-1, 1))
-    return vl, va
+    return (total / n).tolist()
 
 def header(raw_model, cfg, n_train, n_val, train_cfg, device, world, step, peak):
     """The run's first log lines: what it trains, and against which peak MFU is measured."""
-    batch = plumbing.batch_text(train_cfg.batch_size, train_cfg.grad_accum, world)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     mfu = (f"MFU against a peak of {peak / 1e12:.0f} TFLOP/s (dense bf16, {gpu})" if peak else
            f"MFU n/a: no peak FLOP/s known for {gpu} (plumbing.PEAK_FLOPS)")
     return (f"{train_cfg.model.upper()} prior {plumbing.count_params(raw_model) / 1e6:.2f}M "
             f"({cfg.n_layer} layers, d {cfg.n_embd}, {cfg.n_head} heads) | {train_cfg.data}: "
             f"{n_train} train / {n_val} val grids of {cfg.grid} tokens, K={cfg.n_codes}, "
-            f"{cfg.n_classes or 'no'} classes | device {device}"
-            f"{f' x {world} processes' if world > 1 else ''} | global batch {batch} | start step "
-            f"{step} | chance loss ln K = {math.log(cfg.n_codes):.3f}\n{mfu}")
+            f"{cfg.n_classes or 'no'} classes | {plumbing.run_text(train_cfg, device, world, step)}"
+            f" | chance loss ln K = {math.log(cfg.n_codes):.3f}\n{mfu}")
 
 def main(argv=None):
     train_cfg, shape, ckpt, tok_ckpt = configure(parse(argv))  # every rank: checks, checkpoints
@@ -295,7 +264,7 @@ def main(argv=None):
     # Dropout and NAR masks differ across ranks and resumes; DDP copies rank 0's weights to all
     torch.manual_seed(train_cfg.seed * 1_000_003 + step + rank)
     tok = plumbing.load_tokenizer(train_cfg.tokenizer, device, ckpt=tok_ckpt)  # frozen, eval
-    train_ds, val_ds, n_classes = split(train_cfg, tok.cfg.image_size)
+    train_ds, val_ds, n_classes, data_id = split(train_cfg, tok.cfg.image_size)
     cfg = replace(shape, n_codes=tok.cfg.n_codes, grid=tok.cfg.grid ** 2,
                   n_classes=0 if train_cfg.uncond else n_classes, causal=train_cfg.model == "ar")
     tok_hash = tokenizer_hash(tok_ckpt)
@@ -303,7 +272,8 @@ def main(argv=None):
         check_resume(ckpt, cfg, train_cfg, tok_hash)
     global_batch = plumbing.check_enough_data(len(train_ds), "training images", train_cfg, world)
     path, log = os.path.join(train_cfg.out, "ckpt.pt"), plumbing.run_log(train_cfg.out, rank == 0)
-    train, train_y, val, val_y = token_set(tok, train_ds, val_ds, tok_hash, train_cfg, device, log)
+    train, train_y, val, val_y = token_set(tok, train_ds, val_ds, dict(
+        tokenizer=tok_hash, data=data_id), train_cfg, device, log)
     raw_model, opt, best_val = build(cfg, train_cfg, ckpt, device)
     model = plumbing.wrap(raw_model, train_cfg.compile, ddp, device)
     peak = plumbing.peak_flops(device)
@@ -312,7 +282,7 @@ def main(argv=None):
     log(f"config: {asdict(train_cfg)} {asdict(cfg)} | tokenizer phase {tok_ckpt['phase']}")
     # Batches seeded by (seed, start step): a resumed run does not replay; on the device: no copy
     data_g = torch.Generator(device=device).manual_seed(train_cfg.seed * 1_000_003 + step)
-    means, t0, flops = plumbing.RunningMeans(), time.time(), seqgan.estimate_flops_per_token(cfg)
+    means, flops = plumbing.RunningMeans(), seqgan.estimate_flops_per_token(cfg)
     for it in tqdm(range(step, train_cfg.steps), initial=step, total=train_cfg.steps,
                    disable=rank != 0):  # it: the step being taken, step: steps done
         lr = get_lr(it, train_cfg)
@@ -322,15 +292,14 @@ def main(argv=None):
         ix = ix.view(train_cfg.grad_accum, world, train_cfg.batch_size)[:, rank]  # this rank's
         means.add(train_step(model, raw_model, opt, train[ix], train_y[ix] if cfg.n_classes else
                              None, cfg, ddp))
-        means.steps, step = means.steps + 1, it + 1
+        step = it + 1
         last, eval_step = step == train_cfg.steps, step % train_cfg.eval_every == 0
         if step % train_cfg.log_every == 0 or eval_step or last:  # means checked before a save
-            tps = means.steps * global_batch * cfg.grid / (time.time() - t0)
-            m = means.read(world, step, train_cfg.lr, path)
+            m, steps_per_s = means.read(world, step, train_cfg.lr, path)
+            tps = steps_per_s * global_batch * cfg.grid
             mfu = f"{flops * tps / (peak * world):.1%}" if peak else "n/a"
             log(f"step {step} | loss {m['loss']:.4f} acc {m['acc']:.3f} | grad norm "
                 f"{m['grad_norm']:.3f} | lr {lr:.3e} | {tps:,.0f} tok/s | MFU {mfu}")
-            t0 = time.time()
         if rank == 0 and (eval_step or last):  # the others wait in the next all-reduce
             vl, va = evaluate(raw_model, tok, val, val_y, step, train_cfg)
             best_val = min(best_val, vl)
@@ -340,7 +309,7 @@ def main(argv=None):
                 train_config=asdict(train_cfg), world_size=world, tokenizer_hash=tok_hash,
                 tokenizer=os.path.abspath(train_cfg.tokenizer), model=raw_model.state_dict(),
                 optimizer=opt.state_dict()))
-            t0 = time.time()
+            means = plumbing.RunningMeans()  # a new window: without the evaluation's time
     log(f"done: {path}")
 
 if __name__ == "__main__":

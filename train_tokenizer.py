@@ -9,8 +9,6 @@
 
 import math
 import os
-import time
-from argparse import ArgumentParser, RawDescriptionHelpFormatter
 from dataclasses import asdict, dataclass, fields, replace
 
 import torch
@@ -30,8 +28,8 @@ class TrainConfig:
     init: str = option("", "phase 2: the phase-1 ckpt.pt to start from")
     out: str = option("out/tokenizer", "folder for ckpt.pt, log.txt and the PNG grids")
     steps: int = option(50000, "training steps")
-    batch_size: int = option(64, "images per micro-step and process; the global batch (x accum x "
-                                 "processes) of Table 9: ImageNet 256, FFHQ 64")
+    batch_size: int = option(64, "images per micro-step and process; global (x accum x processes) "
+                                 "in Table 9: ImageNet 256, FFHQ 64")
     grad_accum: int = option(1, "micro-steps (gradient accumulation) per optimizer step")
     lr: float = option(1e-4, "learning rate; phase 1 decays it by a cosine to 5e-5 (Table 9)")
     device: str = option("auto", "auto (CUDA if present), cpu, cuda or cuda:N")
@@ -75,9 +73,8 @@ PHASE2_PRESETS = dict(classroom=dict(steps=20_000), paper=dict(steps=200_000),
 COMPILE_BACKEND = "inductor"  # the tests' aot_eager: the same R1 limit, compiled in seconds
 
 def parse(argv):
-    p = ArgumentParser(description=__doc__, formatter_class=RawDescriptionHelpFormatter)
-    plumbing.add_config_args(p, *CONFIGS, flags=FLAGS, defaults=PRESETS["classroom"])
-    return p.parse_args(argv)
+    return plumbing.parser(__doc__, *CONFIGS, flags=FLAGS,
+                           defaults=PRESETS["classroom"]).parse_args(argv)
 
 def configure(args):
     """(train, model, loss) configs, the checkpoint --resume continues and phase 2's --init, in
@@ -123,10 +120,9 @@ def configure(args):
 
 def get_lr(step, train_cfg):
     """Phase 1: cosine decay from lr to 5e-5 (Table 9); phase 2: constant."""
-    if train_cfg.phase == 2:
-        return train_cfg.lr
-    lr_min = min(train_cfg.lr, 5e-5)
-    return lr_min + 0.5 * (train_cfg.lr - lr_min) * (1 + math.cos(math.pi * step / train_cfg.steps))
+    lr, lr_min = train_cfg.lr, min(train_cfg.lr, 5e-5)
+    return lr if train_cfg.phase == 2 else lr_min + 0.5 * (lr - lr_min) * (
+        1 + math.cos(math.pi * step / train_cfg.steps))
 
 def batches(ds, train_cfg, start_step, device, rank=0, world=1):
     """Endless batches, one per micro-step: each epoch a permutation seeded by (seed, start step,
@@ -156,12 +152,12 @@ def build(train_cfg, model_cfg, loss_cfg, ckpt, init, device):
         disc.load_state_dict(init["disc"])
     if train_cfg.phase == 2:  # Section 3.4: the decoder alone trains
         model.requires_grad_(False).decoder.requires_grad_(True)
-    fused = dict(fused=True) if device.type == "cuda" else {}
     betas = (0.9, 0.99) if train_cfg.phase == 1 else (0.5, 0.9)  # Section 4.1: phase 1 / phase 2
     opt_g = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=train_cfg.lr,
-                             betas=betas, **fused)
+                             betas=betas, fused=device.type == "cuda")
     # D's Adam: betas (0, 0.99) at G's lr, ours (MaskGIT's and StyleGAN2's betas)
-    opt_d = torch.optim.Adam(disc.parameters(), lr=train_cfg.lr, betas=(0.0, 0.99), **fused)
+    opt_d = torch.optim.Adam(disc.parameters(), lr=train_cfg.lr, betas=(0.0, 0.99),
+                             fused=device.type == "cuda")
     if ckpt is not None:  # --resume: all as the checkpoint left it
         for obj, key in ((model, "model"), (disc, "disc"), (opt_g, "opt_g"), (opt_d, "opt_d")):
             obj.load_state_dict(ckpt[key])
@@ -192,8 +188,7 @@ def train_step(model, disc, opt_g, opt_d, xs, step, cfgs, perceptual, ddp):
         x_hats.append(x_hat.detach())
         idxs.append(idx)
     opt_g.step()
-    zero = torch.zeros((), device=xs[0].device)
-    d_terms = dict(d_loss=zero, r1=zero, d_real=zero, d_fake=zero)
+    d_terms = dict.fromkeys(("d_loss", "r1", "d_real", "d_fake"), torch.zeros((), device=x.device))
     if step >= loss_cfg.gan_start and not vqkd:
         opt_d.zero_grad(set_to_none=True)
         for micro, (x, x_hat) in enumerate(zip(xs, x_hats)):
@@ -238,12 +233,10 @@ def header(model, disc, n_images, cfgs, device, world, step):
     train_cfg, model_cfg, loss_cfg = cfgs
     millions = [plumbing.count_params(model) / 1e6, plumbing.count_params(model, True) / 1e6,
                 plumbing.count_params(disc) / 1e6]
-    batch = plumbing.batch_text(train_cfg.batch_size, train_cfg.grad_accum, world)
-    lines = [f"phase {train_cfg.phase} | {train_cfg.data} ({n_images} images) | device {device}"
-             f"{f' x {world} processes' if world > 1 else ''} | tokenizer {millions[0]:.2f}M "
-             f"({millions[1]:.2f}M trained), D {millions[2]:.2f}M | {model_cfg.grid}x"
-             f"{model_cfg.grid} tokens, K={model_cfg.n_codes} | alpha {loss_cfg.alpha} | "
-             f"global batch {batch} | start step {step}",
+    lines = [f"phase {train_cfg.phase} | {train_cfg.data} ({n_images} images) | tokenizer "
+             f"{millions[0]:.2f}M ({millions[1]:.2f}M trained), D {millions[2]:.2f}M | "
+             f"{model_cfg.grid}x{model_cfg.grid} tokens, K={model_cfg.n_codes} | alpha "
+             f"{loss_cfg.alpha} | {plumbing.run_text(train_cfg, device, world, step)}",
              f"config: {asdict(train_cfg)} {asdict(model_cfg)} {asdict(loss_cfg)}"]
     d_never = loss_cfg.gan_weight > 0 and loss_cfg.gan_start >= train_cfg.steps
     if d_never and not model_cfg.feature_dim:  # (VQ-KD's phase 1 has no D)
@@ -271,7 +264,7 @@ def main(argv=None):
     plumbing.log_start(log, header(raw_model, raw_disc, len(ds), cfgs, device, world, step), ckpt,
                        train_cfg, world, get_lr)
     data, means = batches(ds, train_cfg, step, device, rank, world), plumbing.RunningMeans()
-    counts, t0 = torch.zeros(model_cfg.n_codes, device=device, dtype=torch.long), time.time()
+    counts = torch.zeros(model_cfg.n_codes, device=device, dtype=torch.long)
     for it in tqdm(range(step, train_cfg.steps), initial=step, total=train_cfg.steps,
                    disable=rank != 0):  # it: the step being taken, step: steps done
         lr = get_lr(it, train_cfg)
@@ -283,18 +276,17 @@ def main(argv=None):
         for idx in idxs:
             seqgan.count_codes(counts, idx)
         means.add(terms)
-        means.steps, step = means.steps + 1, it + 1
+        step = it + 1
         last, eval_step = step == train_cfg.steps, step % train_cfg.eval_every == 0
         if step % train_cfg.log_every == 0 or eval_step or last:  # means checked before a save
-            ips = means.steps * len(xs) * train_cfg.batch_size * world / (time.time() - t0)
-            vals = means.read(world, step, train_cfg.lr, path)
+            vals, steps_per_s = means.read(world, step, train_cfg.lr, path)
+            ips = steps_per_s * len(xs) * train_cfg.batch_size * world
             usage, ppl = seqgan.codebook_usage(plumbing.all_reduce_sum(counts))  # over the ranks
             log(f"step {step} | " + " ".join(f"{k} {v:.4f}" for k, v in vals.items())
                 + f" | H/logK {vals['entropy'] / math.log(len(counts)):.3f} | usage "
                 f"{usage.item():.3f} ppl {ppl.item():.1f} | gan_w {gan_w:.3f} lr {lr:.2e} | "
                 f"{ips:.1f} img/s")
             counts.zero_()
-            t0 = time.time()
         if rank == 0 and (eval_step or last):  # the others wait in the next all-reduce
             evaluate(raw_model, val, step, cfgs, log)
             plumbing.save_checkpoint(path, dict(
@@ -302,7 +294,7 @@ def main(argv=None):
                 model_config=asdict(model_cfg), loss_config=asdict(loss_cfg),
                 train_config=asdict(train_cfg), model=raw_model.state_dict(),
                 disc=raw_disc.state_dict(), opt_g=opt_g.state_dict(), opt_d=opt_d.state_dict()))
-            t0 = time.time()
+            means = plumbing.RunningMeans()  # a new window: without the evaluation's time
     log(f"done: {path}")
 
 if __name__ == "__main__":
