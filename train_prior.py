@@ -164,10 +164,12 @@ def token_set(tok, train_ds, val_ds, fingerprint, train_cfg, device, log):
             workers = 0 if isinstance(ds, torch.utils.data.TensorDataset) else train_cfg.num_workers
             loader = torch.utils.data.DataLoader(ds, train_cfg.batch_size, num_workers=workers)
             # fp32, no autocast: the codes are computed once, and bf16 could flip near-tie argmins
-            pairs = [(tok.tokenize(plumbing.to_input(x, device, tok.cfg.image_size)).flatten(1)
-                      .to("cpu", dtype), y.long()) for x, y in tqdm(
-                          loader, desc=f"tokenizing {name}", leave=False, dynamic_ncols=True)]
-            cache[name], cache[f"{name}_labels"] = (torch.cat(t) for t in zip(*pairs))
+            codes, labels = [], []
+            for x, y in tqdm(loader, desc=f"tokenizing {name}", leave=False, dynamic_ncols=True):
+                x = plumbing.to_input(x, device, tok.cfg.image_size)
+                codes.append(tok.tokenize(x).flatten(1).to("cpu", dtype))  # (B, h*w)
+                labels.append(y.long())
+            cache[name], cache[f"{name}_labels"] = torch.cat(codes), torch.cat(labels)
         plumbing.save_checkpoint(path, cache)
     plumbing.barrier()
     cache = cache if master else plumbing.load_checkpoint(path, "tokens")
