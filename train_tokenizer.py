@@ -120,9 +120,10 @@ def configure(args):
 
 def get_lr(step, train_cfg):
     """Phase 1: cosine decay from lr to 5e-5 (Table 9); phase 2: constant."""
-    lr, lr_min = train_cfg.lr, min(train_cfg.lr, 5e-5)
-    return lr if train_cfg.phase == 2 else lr_min + 0.5 * (lr - lr_min) * (
-        1 + math.cos(math.pi * step / train_cfg.steps))
+    if train_cfg.phase == 2:
+        return train_cfg.lr
+    lr_min = min(train_cfg.lr, 5e-5)
+    return lr_min + 0.5 * (train_cfg.lr - lr_min) * (1 + math.cos(math.pi * step / train_cfg.steps))
 
 def batches(ds, train_cfg, start_step, device, rank=0, world=1):
     """Endless batches, one per micro-step: each epoch a permutation seeded by (seed, start step,
@@ -188,7 +189,8 @@ def train_step(model, disc, opt_g, opt_d, xs, step, cfgs, perceptual, ddp):
         x_hats.append(x_hat.detach())
         idxs.append(idx)
     opt_g.step()
-    d_terms = dict.fromkeys(("d_loss", "r1", "d_real", "d_fake"), torch.zeros((), device=x.device))
+    zero = torch.zeros((), device=xs[0].device)
+    d_terms = dict(d_loss=zero, r1=zero, d_real=zero, d_fake=zero)
     if step >= loss_cfg.gan_start and not vqkd:
         opt_d.zero_grad(set_to_none=True)
         for micro, (x, x_hat) in enumerate(zip(xs, x_hats)):
