@@ -2667,6 +2667,22 @@ def test_clean_state_dict_strips_compile_and_ddp_prefixes_only_at_the_start():
                                       "head._orig_mod.b": 4}
 
 
+def test_running_means_average_the_window_and_time_it_alone(monkeypatch):
+    """Means over the steps since the last read, steps/s over that window only (an evaluation
+    between windows does not count), a NaN one clear error."""
+    ticks = iter([0.0, 10.0, 10.0, 14.0, 14.0, 15.0, 15.0])
+    monkeypatch.setattr(P, "time", SimpleNamespace(time=lambda: next(ticks)))
+    m = P.RunningMeans()
+    for v in (1.0, 3.0):
+        m.add(dict(loss=torch.tensor(v)))
+    assert m.read(1, 2, 1e-4, "ckpt.pt") == ({"loss": 2.0}, 0.2)  # 2 steps in 10 s
+    m.add(dict(loss=torch.tensor(5.0)))
+    assert m.read(1, 3, 1e-4, "ckpt.pt") == ({"loss": 5.0}, 0.25)  # 1 step in the next 4 s
+    m.add(dict(loss=torch.tensor(float("nan"))))
+    with pytest.raises(S.SeqganError, match="non-finite loss at step 4: loss=nan"):
+        m.read(1, 4, 1e-4, "ckpt.pt")
+
+
 def test_checkpoint_is_fsynced_before_the_rename_and_its_folder_after(tmp_path, monkeypatch):
     """Durable against a power loss, not only a kill: the data of the temp file reaches the disk
     before the rename makes it the checkpoint, and the folder (holding the rename) after it."""
