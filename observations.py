@@ -1,5 +1,4 @@
-"""
-The paper's two observations at classroom scale (Fashion-MNIST, 32 px, cpu presets), one command.
+"""The paper's two observations at classroom scale (Fashion-MNIST, 32 px, cpu presets), one command.
 
   python observations.py                  # every row; resumable: rerun it to continue
   python observations.py --rows vqgan-s0 --quick --out out/obs_quick   # smoke run, random nets
@@ -14,6 +13,7 @@ import datetime
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -45,6 +45,7 @@ class Runner:
         self.out, self.path, self.q = args.out, args.results, QUICK if args.quick else FULL
         self.res = json.load(open(self.path)) if os.path.exists(self.path) else {}
         self.vgg, self.inc = ("random", "random") if args.quick else (VGG, INCEPTION)
+        self.assets = os.path.join(args.out, "assets") if args.quick else "assets/observations"
 
     def run(self, cmd):
         """A trainer or sample.py as a subprocess, its output appended to commands.log."""
@@ -101,15 +102,16 @@ class Runner:
             self.record(f"{row}/ar/val_loss", vl, [["last eval line of", row + "/ar/log.txt"]])
         if key + "gfid" not in self.res:
             s = os.path.join(self.out, row, "ar", f"samples_tok{phase}")
-            cmd = ["sample.py", "--prior", self.prior(row), "--tokenizer",
-                   self.tokenizer(row, phase), "--n", self.q["n"], "--batch-size", "256",
-                   "--out", s]
+            cmd = ["sample.py", "--prior", self.prior(row), "--n", self.q["n"], "--batch-size",
+                   "256", "--tokenizer", self.tokenizer(row, phase), "--out", s]
             if not os.path.exists(os.path.join(s, "sampling.json")):  # written last by sample.py
                 self.run(cmd)
             cmd2 = ["fid.py", self.q["ref"][0] + ".npz", s, "--inception-weights", self.inc]
             r = fid.main(cmd2[1:])
-            self.record(key + "gfid", dict(gfid=r["fid"], n_ref=r["n"][0], n=r["n"][1],
-                                           grid=s + "_grid.png"), [cmd, cmd2])
+            grid = os.path.join(self.assets, f"{row}_tok{phase}.png")  # tracked: out/ is not
+            shutil.copyfile(s + "_grid.png", grid)
+            self.record(key + "gfid", dict(gfid=r["fid"], n_ref=r["n"][0], n=r["n"][1], grid=grid),
+                        [cmd, cmd2])
 
     def prepare(self):
         """The first N test images as class folders (ref: gFID reference, recon: rFID) and stats."""
@@ -168,10 +170,9 @@ def verdicts(res):
     sweep = [metrics(res, r, 1) for _, r in SWEEP]
     if all("gfid" in m and "rfid" in m for m in sweep):
         g, r = [m["gfid"] for m in sweep], [m["rfid"] for m in sweep]
-        falls = all(x > y for x, y in zip(g, g[1:]))
-        trend = "falls steadily" if falls else "does not fall steadily"
-        say.append(f"Observation 2 (Fig. 6): gFID {trend} from alpha 0 to 1 ({g[0]:.1f} -> "
-                   f"{g[-1]:.1f}); rFID is best at alpha {SWEEP[int(np.argmin(r))][0]} "
+        trend = "falls" if all(x > y for x, y in zip(g, g[1:])) else "does not fall"
+        say.append(f"Observation 2 (Fig. 6): gFID {trend} steadily from alpha 0 to 1 ({g[0]:.1f}"
+                   f" -> {g[-1]:.1f}); rFID is best at alpha {SWEEP[int(np.argmin(r))][0]} "
                    "(paper: near 0.4).")
     conv, attn = metrics(res, "vqgan-s0", 1), metrics(res, "attn-a0", 1)
     if all(k in m for m in (conv, attn) for k in ("rfid", "gfid")):
@@ -226,20 +227,19 @@ def sweep_picture(res, path="assets/alpha_sweep_ar_samples.png"):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows, run in order")
+    p.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS), metavar="ROW",
+                   help="rows to run, in order: " + ", ".join(ROWS))
     p.add_argument("--out", default="out/observations", help="checkpoints, samples, commands.log")
     p.add_argument("--quick", action="store_true", help="smoke run: random networks, tiny steps; "
                    "its numbers and tables go to --out, not results/ and RESULTS.md")
     args = p.parse_args(argv)
     where, md = (args.out, f"{args.out}/RESULTS.md") if args.quick else ("results", "RESULTS.md")
     args.results = os.path.join(where, "observations.json")
-    rows = args.rows.split(",")
-    if any(r not in ROWS for r in rows):
-        sys.exit(f"error: --rows {args.rows}: choose from {', '.join(ROWS)}")
-    os.makedirs(where, exist_ok=True), os.makedirs(args.out, exist_ok=True)
     runner = Runner(args)
+    for folder in (where, args.out, runner.assets):
+        os.makedirs(folder, exist_ok=True)
     runner.prepare()
-    for row in rows:
+    for row in args.rows:
         for phase in (1, 2) if ROWS[row][2] else (1,):
             runner.measure(row, phase)
         sweep_picture(runner.res)
