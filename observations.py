@@ -188,7 +188,7 @@ def markdown(res):
     hosts = "; ".join(sorted({e["host"] for e in res.values()})) or "-"
     pic = "assets/alpha_sweep_ar_samples.png"
     return "\n\n".join([
-        BEGIN, f"Measured {' to '.join(sorted({dates[0], dates[-1]}))} on {hosts} (setup, N and the networks' limits: "
+        BEGIN, f"Measured {dates[0]} to {dates[-1]} on {hosts} (setup, N and the networks' limits: "
         "above). 'a +- b (n)': mean +- sd over n tokenizer seeds; '-': not measured yet.",
         "**Like with like**: the same phase 2 for both rows; the AR prior learns phase-1 tokens, "
         "which phase 2 keeps, and each decoder decodes the same samples.",
