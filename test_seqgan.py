@@ -3389,3 +3389,46 @@ def test_observations_seed_spread_says_whether_the_gap_exceeds_it():
     assert "gFID, conv decoder: SeQ-GAN 81 vs VQGAN-like 101; the seed ranges do not overlap" in say
     res["seqgan-s2/tok1/gfid"]["value"]["gfid"] = 120.0
     assert "overlap: the gap is within the spread" in " ".join(observations.verdicts(res))
+
+
+def test_observations_runner_measures_lazily_resumes_and_keeps_the_grid(tmp_path, monkeypatch):
+    """A row's steps in order (tokenizer, prior, samples; --resume where a ckpt.pt was left), each
+    number recorded once with its command, the grid copied to assets; a rerun redoes nothing."""
+    ran, fids = [], []
+    def run(self, cmd):  # what each step writes, without training anything
+        ran.append(cmd)
+        out = cmd[cmd.index("--out") + 1]
+        if cmd[0] == "sample.py":
+            os.makedirs(out)
+            open(os.path.join(out, "sampling.json"), "w").close()
+            Image.new("RGB", (4, 4)).save(out + "_grid.png")
+        else:
+            os.makedirs(out, exist_ok=True)
+            open(os.path.join(out, "ckpt.pt"), "w").close()
+            with open(os.path.join(out, "log.txt"), "w") as f:
+                f.write("eval step 10 | val loss 9.0 acc 0.1\neval step 20 | val loss 1.2345 a\n")
+    def fid_main(argv):
+        fids.append(argv)
+        return (dict(rfid=12.5, psnr=20.25, codes_used=250, n_codes=256) if "--recon" in argv
+                else dict(fid=80.5, n=(100, 64)))
+    monkeypatch.setattr(observations.Runner, "run", run)
+    monkeypatch.setattr(observations.fid, "main", fid_main)
+    args = SimpleNamespace(out=str(tmp_path), results=str(tmp_path / "obs.json"), quick=True)
+    os.makedirs(tmp_path / "assets")
+    os.makedirs(tmp_path / "attn-a0" / "tok1")  # a stopped run: ckpt.pt, no DONE
+    open(tmp_path / "attn-a0" / "tok1" / "ckpt.pt", "w").close()
+    observations.Runner(args).measure("attn-a0", 1)
+    assert [c[0] for c in ran] == ["train_tokenizer.py", "train_prior.py", "sample.py"]
+    tok = " ".join(ran[0])
+    assert "--alpha 0.0 --seed 0" in tok and "--dec-attn 2" in tok and tok.endswith("--resume")
+    assert "--resume" not in ran[1] and "--token-cache" in ran[1]
+    res = json.load(open(args.results))
+    assert res["attn-a0/tok1/recon"]["value"] == dict(rfid=12.5, psnr=20.25, used=250, K=256)
+    assert res["attn-a0/ar/val_loss"]["value"] == 1.2345  # the last eval line
+    grid = res["attn-a0/tok1/gfid"]["value"]["grid"]
+    assert grid == str(tmp_path / "assets" / "attn-a0_tok1.png") and os.path.exists(grid)
+    assert "fid.py --recon" in res["attn-a0/tok1/recon"]["cmd"]
+    assert len(fids) == 2
+    del ran[:], fids[:]
+    observations.Runner(args).measure("attn-a0", 1)  # resumed: every number is there
+    assert ran == [] and fids == []
